@@ -1,0 +1,1 @@
+"""Shared machinery every job uses: configs, storage, Ray, outputs, progress."""

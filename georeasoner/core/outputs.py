@@ -1,0 +1,177 @@
+"""Output folders: refuse to mix configs, mark completion with ``_SUCCESS.json``, write ``summary.json``.
+
+A job calls :meth:`JobRun.start` before any work and :meth:`JobRun.finish` at the end.
+``_RUN.json`` records the config hash of the run that owns the folder, so a second run with
+the same config continues (resume), while one with another config is refused unless
+``overwrite=true``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from georeasoner.core import storage
+from georeasoner.core.config import JobConfig
+from georeasoner.core.versioning import code_version
+
+RUN_FILE = "_RUN.json"
+SUCCESS_FILE = "_SUCCESS.json"
+SUMMARY_FILE = "summary.json"
+
+
+class OutputConflict(ValueError):
+    """Output written by another config or model version (exit code 2)."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def fingerprint(uri: str | None) -> str | None:
+    """A cheap identity of an input: its producer's ``_SUCCESS.json`` hash, or a file's size.
+
+    For a folder made by one of our jobs this changes whenever that job reran with another
+    config or input; raw prefixes of photos are fingerprinted by the job that lists them.
+    """
+    if not uri:
+        return None
+    candidates = [storage.join(uri, SUCCESS_FILE)]
+    if not storage.is_s3(uri) or "." in storage.basename(uri):
+        candidates.append(storage.join(storage.parent(uri), SUCCESS_FILE))
+    for marker in candidates:
+        if storage.is_file(marker):
+            record = storage.read_json(marker)
+            ident = json.dumps({k: record.get(k) for k in ("job", "config_hash", "input_fingerprint", "counts")}, sort_keys=True)
+            return "job:" + hashlib.sha256(ident.encode()).hexdigest()[:16]
+    if storage.is_file(uri):
+        return f"file:{storage.size(uri)}"
+    return None
+
+
+def _is_protected(uri: str) -> bool:
+    """Never delete a bucket root, a filesystem root or a home folder."""
+    if storage.is_s3(uri):
+        return not storage.split_s3(uri)[1].strip("/")
+    path = storage.absolute(uri)
+    from pathlib import Path
+
+    return Path(path) in (Path("/"), Path.home(), Path.cwd())
+
+
+class JobRun:
+    """Bookkeeping for one job writing one output folder."""
+
+    def __init__(self, job: str, cfg: JobConfig, model_version: str | None = None, inputs: dict[str, str | None] | None = None):
+        self.job = job
+        self.cfg = cfg
+        self.output = storage.absolute(cfg.output)
+        self.model_version = model_version
+        self.inputs = inputs if inputs is not None else {"input": cfg.input}
+        self.started = _now()
+        self._t0 = time.monotonic()
+
+    @property
+    def config_hash(self) -> str:
+        return self.cfg.config_hash()
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.output, *parts)
+
+    def start(self) -> "JobRun":
+        """Check the output folder belongs to this config (or clear it when ``overwrite``), then claim it."""
+        storage.configure(self.cfg.storage.endpoint_url, self.cfg.storage.region)
+        previous = None
+        for name in (RUN_FILE, SUCCESS_FILE):
+            if storage.is_file(self.path(name)):
+                previous = storage.read_json(self.path(name))
+                break
+        mismatch = None
+        if previous is not None:
+            if previous.get("job") != self.job:
+                mismatch = f"job '{previous.get('job')}'"
+            elif previous.get("config_hash") != self.config_hash:
+                mismatch = f"another config (hash {previous.get('config_hash')}, this one {self.config_hash})"
+            elif self.model_version and previous.get("model_version") not in (None, self.model_version):
+                mismatch = f"model version {previous.get('model_version')} (this one {self.model_version})"
+        elif storage.exists(self.output) and any(True for _ in storage.iter_files(self.output)):
+            mismatch = "something else (the folder is not empty and has no _RUN.json)"
+        if mismatch:
+            if not self.cfg.overwrite:
+                raise OutputConflict(
+                    f"output error: '{self.cfg.output}' holds output of {mismatch}; choose another output or pass overwrite=true"
+                )
+            if _is_protected(self.output):
+                raise OutputConflict(f"output error: refusing to clear '{self.cfg.output}' (a root or home folder)")
+            print(f"{self.job}: overwrite=true, clearing {self.cfg.output}", file=sys.stderr, flush=True)
+            storage.remove(self.output)
+        storage.makedirs(self.output)
+        storage.write_json(self.path(RUN_FILE), self._record())
+        return self
+
+    def _record(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "config_hash": self.config_hash,
+            "code_version": code_version(),
+            "model_version": self.model_version,
+            "started": self.started,
+        }
+
+    def finish(self, counts: dict[str, Any], errors_by_kind: dict[str, int] | None = None, **extra: Any) -> dict[str, Any]:
+        """Write ``summary.json`` and ``_SUCCESS.json``, print the summary, and return it."""
+        seconds = time.monotonic() - self._t0
+        items = counts.get("items", counts.get("rows"))
+        summary = {
+            "job": self.job,
+            "output": self.output,
+            "counts": counts,
+            "errors_by_kind": errors_by_kind or {},
+            "seconds": round(seconds, 3),
+            "items_per_s": round(items / seconds, 3) if items and seconds > 0 else None,
+            "model_version": self.model_version,
+            **extra,
+        }
+        storage.write_json(self.path(SUMMARY_FILE), summary)
+        success = {
+            **self._record(),
+            "ended": _now(),
+            "config": self.cfg.model_dump(mode="json", exclude={"storage", "ray"}),
+            "limit": self.cfg.limit,
+            "input_fingerprint": {k: fingerprint(v) for k, v in self.inputs.items()},
+            "counts": counts,
+        }
+        storage.write_json(self.path(SUCCESS_FILE), success)
+        print_summary(summary)
+        return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """A short human-readable summary on stdout, ending with the output location."""
+    print(f"== {summary['job']} summary ==")
+    for key, value in summary["counts"].items():
+        print(f"  {key}: {value}")
+    if summary.get("errors_by_kind"):
+        print("  errors: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["errors_by_kind"].items())))
+    rate = f", {summary['items_per_s']}/s" if summary.get("items_per_s") else ""
+    print(f"  time: {summary['seconds']:.1f}s{rate}")
+    print(f"output: {summary['output']}", flush=True)
+
+
+def is_complete(job: str, cfg: JobConfig, inputs: dict[str, str | None] | None = None) -> bool:
+    """True when ``cfg.output`` holds a finished run of this job with this config and inputs."""
+    marker = storage.join(storage.absolute(cfg.output), SUCCESS_FILE)
+    if not storage.is_file(marker):
+        return False
+    record = storage.read_json(marker)
+    inputs = inputs if inputs is not None else {"input": cfg.input}
+    return (
+        record.get("job") == job
+        and record.get("config_hash") == cfg.config_hash()
+        and record.get("limit") == cfg.limit
+        and record.get("input_fingerprint") == {k: fingerprint(v) for k, v in inputs.items()}
+    )

@@ -1,0 +1,1 @@
+"""The embedded world: procedurally drawn street views whose country and city follow real clues."""

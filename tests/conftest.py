@@ -1,0 +1,109 @@
+"""Session fixtures: one S3-protocol server, one Ray, one small embedded world (CONVENTIONS, Tests)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = Path(os.environ.get("GEOREASONER_PHOTOS", REPO.parent / "shared" / "photos"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"S3 server exited early with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"S3 server did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server in its own process on a free loopback port; sets the AWS_* variables."""
+    port = free_port()
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"moto-{port}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        _wait_for_port(port, proc)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    """A fresh, empty bucket on the session S3 server."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray for the whole suite, started after the S3 variables are set so workers see them."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def world(ray_session, tmp_path_factory) -> Path:
+    """A small embedded world (~300 images) shared by all tests; returns its folder."""
+    from georeasoner.world.make import MakeWorldConfig, run
+
+    out = tmp_path_factory.mktemp("world") / "world"
+    run(MakeWorldConfig(output=str(out), num_images=300, seed=11, shard_size=50))
+    return out
+
+
+def run_job(job: str, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python jobs/<job>.py ARGS`` as a user would (used where the process boundary is the point)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / f"{job}.py"), *args],
+        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
