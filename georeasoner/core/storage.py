@@ -7,7 +7,6 @@ Nothing here prints or logs credentials.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
@@ -185,6 +184,17 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise
 
 
+def read_range(uri: str, start: int, length: int) -> bytes:
+    """``length`` bytes from ``start`` (fewer at the end of the file): an S3 ranged GET."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        rng = f"bytes={start}-{start + length - 1}"
+        return _boto_client().get_object(Bucket=bucket, Key=key, Range=rng)["Body"].read()
+    with open(uri, "rb") as fh:
+        fh.seek(start)
+        return fh.read(length)
+
+
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
@@ -319,30 +329,35 @@ def iter_files(
 
 # -- parquet ------------------------------------------------------------------------------
 
+def _buffer(uri: str) -> pa.BufferReader:
+    """An Arrow reader over a file's bytes (pyarrow 26 can abort at exit when reading via io.BytesIO)."""
+    return pa.BufferReader(read_bytes(uri))
+
+
 def write_parquet(table: pa.Table, uri: str, schema_version: str | int | None = None) -> None:
     """Write one Parquet file, with ``schema_version`` in its metadata when given."""
     if schema_version is not None:
         meta = dict(table.schema.metadata or {})
         meta[SCHEMA_VERSION_KEY] = str(schema_version).encode()
         table = table.replace_schema_metadata(meta)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    write_bytes(uri, buf.getvalue())
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(uri, sink.getvalue().to_pybytes())
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read a Parquet file, or every ``*.parquet`` under a folder/prefix as one table."""
     if is_file(uri):
-        return pq.read_table(io.BytesIO(read_bytes(uri)), columns=columns)
+        return pq.read_table(_buffer(uri), columns=columns)
     parts = [e.uri for e in iter_files(uri, suffixes=(".parquet",))]
     if not parts:
         raise FileNotFoundError(f"no Parquet files at '{uri}'")
-    tables = [pq.read_table(io.BytesIO(read_bytes(p)), columns=columns) for p in parts]
+    tables = [pq.read_table(_buffer(p), columns=columns) for p in parts]
     return pa.concat_tables(tables, promote_options="default")
 
 
 def schema_version(uri: str) -> str | None:
     """The ``schema_version`` stored in a Parquet file's metadata."""
-    meta = pq.read_schema(io.BytesIO(read_bytes(uri))).metadata or {}
+    meta = pq.read_schema(_buffer(uri)).metadata or {}
     value = meta.get(SCHEMA_VERSION_KEY)
     return value.decode() if value else None

@@ -1,0 +1,1 @@
+"""Ingest real photos into a manifest."""
