@@ -1,0 +1,1 @@
+"""Locatability: clue weights, teacher labels, the CLIP student, bucket scoring and curation."""
