@@ -43,8 +43,14 @@ class RayConfig(StrictModel):
 class StorageConfig(StrictModel):
     """Object-storage endpoint. Credentials never live here: they come from AWS_* variables or the node's role."""
 
-    endpoint_url: str | None = Field(None, description="S3 endpoint override; AWS_ENDPOINT_URL wins when set")
-    region: str | None = Field(None, description="S3 region; AWS_REGION / AWS_DEFAULT_REGION win when set")
+    endpoint_url: str | None = Field(None, description="S3 endpoint (any S3-compatible store); unset = AWS_ENDPOINT_URL or AWS")
+    region: str | None = Field(None, description="S3 region; unset = AWS_REGION / AWS_DEFAULT_REGION")
+
+    def apply(self) -> None:
+        """Use these settings for storage in this process (driver or Ray worker)."""
+        from georeasoner.core import storage
+
+        storage.configure(self.endpoint_url, self.region)
 
 
 class JobConfig(StrictModel):

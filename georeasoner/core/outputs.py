@@ -84,7 +84,7 @@ class JobRun:
 
     def start(self) -> "JobRun":
         """Check the output folder belongs to this config (or clear it when ``overwrite``), then claim it."""
-        storage.configure(self.cfg.storage.endpoint_url, self.cfg.storage.region)
+        self.cfg.storage.apply()
         previous = None
         for name in (RUN_FILE, SUCCESS_FILE):
             if storage.is_file(self.path(name)):

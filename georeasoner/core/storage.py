@@ -1,7 +1,8 @@
 """One storage layer for local paths and ``s3://bucket/prefix``.
 
-Endpoint and region come from the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``)
-or from a job's ``storage`` config; credentials only from the environment or the node's role.
+Endpoint and region come from a job's ``storage`` config when it sets them, else from the standard AWS
+variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``); credentials only from the environment or the node's role.
+Code running in Ray workers calls :func:`configure` with the job's settings before touching storage.
 Nothing here prints or logs credentials.
 """
 
@@ -75,17 +76,17 @@ _overrides: dict[str, str | None] = {"endpoint_url": None, "region": None}
 
 
 def configure(endpoint_url: str | None = None, region: str | None = None) -> None:
-    """Set defaults from a job's ``storage`` config (environment variables still win)."""
+    """Apply a job's ``storage`` config in this process (unset keys fall back to the environment)."""
     _overrides["endpoint_url"] = endpoint_url
     _overrides["region"] = region
 
 
 def endpoint_url() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or _overrides["endpoint_url"]
+    return _overrides["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
 def region() -> str | None:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or _overrides["region"]
+    return _overrides["region"] or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
 
 
 def _settings_key() -> tuple:

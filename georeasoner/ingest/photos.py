@@ -156,6 +156,7 @@ def label_row(uri: str, rel: str, label: dict[str, str] | None, cfg_json: str) -
 
 
 def label_batch(items: list[tuple[str, str, dict | None]], cfg_json: str) -> list[dict[str, Any]]:
+    IngestConfig.model_validate_json(cfg_json).storage.apply()
     return [label_row(uri, rel, label, cfg_json) for uri, rel, label in items]
 
 

@@ -143,6 +143,7 @@ def _location(rng: np.random.Generator, iso2: str, city: dict[str, Any]) -> tupl
 def make_shard(cfg_json: str, output: str, start: int, stop: int, cities: dict) -> list[dict]:
     """Draw images ``start..stop-1``, write them, return their manifest rows."""
     cfg = MakeWorldConfig.model_validate_json(cfg_json)
+    cfg.storage.apply()
     iso2s = cfg.countries or [c.iso2 for c in facts.COUNTRIES]
     rows = []
     for i in range(start, stop):

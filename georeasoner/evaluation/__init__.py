@@ -1,0 +1,1 @@
+"""Evaluation: the metrics table, the zero-shot baseline and the report."""
