@@ -26,9 +26,12 @@ class EvaluateConfig(JobConfig):
     baseline: str | None = Field(None, description="answers of a baseline to report side by side")
     splits: list[str] | None = Field(None, description="evaluate only these manifest splits (default: all rows)")
     name: str = Field("model", description="label of the evaluated answers in the table")
+    scores: str | None = Field(None, description="locatability scores (score_locatability output) for the report's panels")
+    threshold: float = Field(0.4, ge=0, le=1, description="curation threshold drawn on the locatability histogram")
+    report: bool = Field(True, description="write report.html beside metrics.json")
 
     def check_inputs(self) -> None:
-        for key in ("input", "baseline"):
+        for key in ("input", "baseline", "scores"):
             uri = getattr(self, key)
             if uri is not None and not storage.exists(uri):
                 raise InputError(f"input error: {key} '{uri}' does not exist (answers made by jobs/geolocate.py or jobs/baseline_zeroshot.py)")
@@ -61,7 +64,17 @@ def read_answers(uri: str) -> list[dict]:
         raise InputError(f"input error: answers '{uri}' have no image_uri column")
     if not {"country", "city", "lat", "lon"} & set(table.column_names):
         raise InputError(f"input error: answers '{uri}' have none of country, city, lat, lon")
-    return table.select(["image_uri", *[c for c in ANSWER_COLUMNS if c in table.column_names]]).to_pylist()
+    keep = [c for c in (*ANSWER_COLUMNS, "reasons") if c in table.column_names]
+    return table.select(["image_uri", *keep]).to_pylist()
+
+
+def read_scores(uri: str) -> dict[str, float]:
+    """image_uri -> locatability (or teacher score) of the scored rows."""
+    table = storage.read_parquet(uri)
+    column = next((c for c in ("locatability", "teacher_score") if c in table.column_names), None)
+    if column is None:
+        raise InputError(f"input error: scores '{uri}' have no locatability or teacher_score column")
+    return {u: float(s) for u, s in zip(table.column("image_uri").to_pylist(), table.column(column).to_pylist()) if s is not None}
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -85,16 +98,26 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def run(cfg: EvaluateConfig) -> dict:
-    """Compute the metrics; write ``metrics.json`` (+ the report when the report module is present)."""
+    """Compute the metrics; write ``metrics.json`` and ``report.html``."""
     job = JobRun(JOB, cfg, inputs={"input": cfg.input, "manifest": cfg.manifest, "baseline": cfg.baseline}).start()
     truth = read_truth(cfg)
-    results: dict[str, Any] = {cfg.name: metrics_table(truth, read_answers(cfg.input))}
+    answers = read_answers(cfg.input)
+    results: dict[str, Any] = {cfg.name: metrics_table(truth, answers)}
     if cfg.baseline:
         results["baseline"] = metrics_table(truth, read_answers(cfg.baseline))
     metrics = {"n": len(truth), "answers": {cfg.name: cfg.input, **({"baseline": cfg.baseline} if cfg.baseline else {})},
                "manifest": cfg.manifest, "splits": cfg.splits, "results": results}
     storage.write_json(job.path("metrics.json"), metrics)
     print(format_table(results))
+    extra = {"metrics_json": job.path("metrics.json")}
+    if cfg.report:
+        from georeasoner.evaluation.metrics_table import aligned_answers
+        from georeasoner.evaluation.report import render_report
+
+        scores = read_scores(cfg.scores) if cfg.scores else None
+        page = render_report(cfg.name, results, truth, aligned_answers(truth, answers), scores, cfg.threshold)
+        storage.write_text(job.path("report.html"), page)
+        extra["report_html"] = job.path("report.html")
+        print(f"report: {job.path('report.html')}")
     main = results[cfg.name]
-    return job.finish(counts={"items": len(truth), "answered": main["distance"]["answered"]},
-                      metrics_json=job.path("metrics.json"))
+    return job.finish(counts={"items": len(truth), "answered": main["distance"]["answered"]}, **extra)
