@@ -65,3 +65,8 @@ def bad_files(seed: int = 0) -> dict[str, tuple[bytes, str]]:
         "not_image.jpg": (b"<html>this is not a picture</html>" * 10, "not_an_image"),
         "bomb.png": (bomb_png(), "too_many_pixels"),
     }
+
+
+def cut_jpeg(n_bytes: int = 500, seed: int = 0) -> bytes:
+    """A JPEG cut inside its header tables (Pillow fails while opening, not while decoding)."""
+    return _save(_photo(seed), "JPEG", quality=90)[:n_bytes]

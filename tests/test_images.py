@@ -37,3 +37,12 @@ def test_bad_files_raise_their_kind(name):
 
 def test_pixel_limit_is_pillows_default():
     assert MAX_PIXELS == 89_478_485
+
+
+@pytest.mark.parametrize("n_bytes", [300, 500, 700, 2000])
+def test_jpegs_cut_anywhere_are_truncated(n_bytes):
+    from samples import cut_jpeg
+
+    with pytest.raises(ImageError) as info:
+        decode_image(cut_jpeg(n_bytes))
+    assert info.value.kind == "truncated", info.value.row_error

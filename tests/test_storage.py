@@ -87,3 +87,21 @@ def test_credentials_cannot_be_put_in_a_config():
 
     with pytest.raises(ConfigError, match="unknown key 'storage.aws_secret_access_key'"):
         load_config(MakeWorldConfig, None, ["output=x", "storage.aws_secret_access_key=abc"])
+
+
+def test_hidden_folders_are_not_listed(root):
+    storage.write_bytes(storage.join(root, "d", "_parts", "shard-0.parquet"), b"p")
+    storage.write_bytes(storage.join(root, "d", ".cache", "x.jpg"), b"c")
+    storage.write_bytes(storage.join(root, "d", "img.jpg"), b"i")
+    assert [storage.basename(e.uri) for e in storage.iter_files(storage.join(root, "d"))] == ["img.jpg"]
+    assert len(list(storage.iter_files(storage.join(root, "d"), include_hidden=True))) == 3
+
+
+def test_local_files_get_normal_permissions(tmp_path):
+    uri = str(tmp_path / "perm.bin")
+    storage.write_bytes(uri, b"x")
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "perm.bin").stat().st_mode & 0o777 == 0o666 & ~mask  # as open() would, not mkstemp's 0600

@@ -65,7 +65,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError("not_an_image", f"{len(data)} bytes Pillow cannot identify") from None
     except Exception as exc:  # noqa: BLE001 - any parser failure is a per-item error
-        raise ImageError("unreadable", f"{type(exc).__name__}: {exc}") from None
+        raise _classify(exc) from None
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError("too_many_pixels", f"{width}x{height} = {width * height} pixels > {max_pixels}")
@@ -75,13 +75,19 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         img.load()
         img = ImageOps.exif_transpose(img)
         return _to_rgb(img)
-    except OSError as exc:
-        text = str(exc)
-        if "truncated" in text.lower() or "premature end" in text.lower() or "broken data stream" in text.lower():
-            raise ImageError("truncated", text) from None
-        raise ImageError("unreadable", text) from None
     except Exception as exc:  # noqa: BLE001
-        raise ImageError("unreadable", f"{type(exc).__name__}: {exc}") from None
+        raise _classify(exc) from None
+
+
+_TRUNCATION_TEXTS = ("truncated", "premature end", "broken data stream", "unexpected end", "not enough data")
+
+
+def _classify(exc: Exception) -> ImageError:
+    """A parser exception as ``truncated`` (the data stops early) or ``unreadable``."""
+    text = f"{type(exc).__name__}: {exc}"
+    if any(t in text.lower() for t in _TRUNCATION_TEXTS):
+        return ImageError("truncated", text)
+    return ImageError("unreadable", text)
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:

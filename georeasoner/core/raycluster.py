@@ -17,7 +17,8 @@ def connect(cfg: JobConfig | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    kwargs = {"include_dashboard": False, "log_to_driver": True}
+    # address="local": start our own Ray rather than joining a `ray start` head that happens to run here
+    kwargs = {"address": "local", "include_dashboard": False, "log_to_driver": True}
     if cfg and cfg.ray.num_cpus:
         kwargs["num_cpus"] = cfg.ray.num_cpus
     if cfg and cfg.ray.num_gpus is not None:

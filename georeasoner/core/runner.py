@@ -61,6 +61,9 @@ def main(job: str, model: type[JobConfig], run: Callable[[JobConfig], dict], arg
         if config is None and not overrides:
             return _usage_error(job, "config error: no --config given")
         cfg = load_config(model, config, overrides)
+        workdir = os.environ.get("GEOREASONER_WORKDIR")
+        if workdir:  # the config file was read from the uploaded copy; data paths resolve on the head
+            os.chdir(workdir)
         if print_config:
             print(to_yaml(cfg), end="")
             return 0
@@ -80,6 +83,11 @@ def main(job: str, model: type[JobConfig], run: Callable[[JobConfig], dict], arg
 
 
 def entrypoint(job: str, model: type[JobConfig], run: Callable[[JobConfig], dict], doc: str = "") -> None:
-    """``sys.exit(main(...))`` for ``jobs/<job>.py``; makes the repo importable when run by path."""
+    """``sys.exit(main(...))`` for ``jobs/<job>.py``.
+
+    Under ``ray job submit`` the entrypoint runs in a copy of the uploaded working dir; set
+    ``GEOREASONER_WORKDIR`` (e.g. in the runtime env) to resolve relative paths such as
+    ``outputs/local/...`` against a folder on the head instead (a local head: the repo itself).
+    """
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main(job, model, run, doc=doc))

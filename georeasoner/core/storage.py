@@ -177,6 +177,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
@@ -194,6 +195,13 @@ def read_range(uri: str, start: int, length: int) -> bytes:
     with open(uri, "rb") as fh:
         fh.seek(start)
         return fh.read(length)
+
+
+@lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_text(uri: str) -> str:
@@ -299,10 +307,12 @@ def iter_files(
     """
     want = tuple(s.lower() for s in suffixes) if suffixes else None
 
-    def keep(name: str) -> bool:
-        base = posixpath.basename(name)
-        if not base or (not include_hidden and base.startswith((".", "_"))):
+    def keep(rel: str) -> bool:
+        base = posixpath.basename(rel)
+        if not base:
             return False
+        if not include_hidden and any(part.startswith((".", "_")) for part in rel.split("/")):
+            return False  # hidden files and everything in hidden folders (_parts/, .cache/)
         return want is None or base.lower().endswith(want)
 
     if is_s3(prefix):
@@ -312,7 +322,7 @@ def iter_files(
         paginator = _boto_client().get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=key, PaginationConfig={"PageSize": page_size}):
             for obj in page.get("Contents", []):
-                if keep(obj["Key"]):
+                if keep(obj["Key"][len(key):]):
                     yield FileEntry(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]))
         return
     root = Path(absolute(prefix))
