@@ -108,3 +108,25 @@ def run_job(job: str, *args: str, env: dict | None = None, timeout: float = 300)
         [sys.executable, str(REPO / "jobs" / f"{job}.py"), *args],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def student_package(tmp_path_factory) -> str:
+    """An untrained student package (tiny CLIP tower + head, random weights): for pipeline mechanics."""
+    import torch
+    from safetensors.torch import save_file
+
+    from georeasoner.clip.model import MEAN, STD, image_size_of, model_config
+    from georeasoner.locatability.student import build_student, save_student, student_config
+
+    torch.manual_seed(0)
+    name = "georeasoner-tiny-vit"
+    cfg = model_config(name)
+    config = student_config(name, cfg, 32, image_size_of(cfg), MEAN, STD)
+    model = build_student(config)
+    tmp = tmp_path_factory.mktemp("student")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "w.safetensors"))
+    out = str(tmp / "package")
+    save_student(tmp / "w.safetensors", config, out, card_name="student-untrained", base_model=name, stages=["none"],
+                 training_data=[], metrics={})
+    return out

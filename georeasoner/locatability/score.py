@@ -126,12 +126,12 @@ class DecodeStage:
         uris = batch["image_uri"]
         size = self.image_size
         pixels = np.zeros((len(uris), size, size, 3), dtype=np.uint8)
-        errors: list[str | None] = []
+        errors: list[str] = []  # "" = no error (an all-null column would not unify across blocks)
         for i, uri in enumerate(uris):
             try:
                 data = read_with_retries(str(uri), self.retries)
                 pixels[i] = np.asarray(resize_center_crop(decode_image(data), size))
-                errors.append(None)
+                errors.append("")
             except ImageError as exc:
                 errors.append(exc.row_error)
             except FileNotFoundError:
@@ -159,7 +159,7 @@ class ScoreActor:
         errors = list(batch["error"])
         scores = np.full(n, np.nan, dtype=np.float32)
         emb = None
-        ok = [i for i in range(n) if errors[i] is None]
+        ok = [i for i in range(n) if not errors[i]]
         if ok:
             try:
                 x = np.stack([self.scorer.preprocess(self._image.fromarray(batch["pixels"][i])) for i in ok])
@@ -192,7 +192,7 @@ def output_schema(with_embeddings: bool) -> pa.Schema:
 
 def batch_to_table(batch: dict[str, np.ndarray], with_embeddings: bool) -> pa.Table:
     scores = np.asarray(batch["locatability"], dtype=np.float32)
-    errors = [None if e is None or (isinstance(e, float) and math.isnan(e)) else str(e) for e in batch["error"]]
+    errors = [None if not e or (isinstance(e, float) and math.isnan(e)) else str(e) for e in batch["error"]]
     cols = {
         "image_uri": [str(u) for u in batch["image_uri"]],
         "locatability": pa.array(scores, mask=np.array([e is not None for e in errors]) | np.isnan(scores)),
@@ -208,10 +208,11 @@ def batch_to_table(batch: dict[str, np.ndarray], with_embeddings: bool) -> pa.Ta
 # -- the job ------------------------------------------------------------------------------
 
 def _student_info(model: str) -> tuple[str, int]:
-    from georeasoner.locatability.student import LocatabilityScorer
+    """(model version, input image size) from the package's JSON files, without loading weights."""
+    from georeasoner.core.packages import read_card
+    from georeasoner.locatability.student import CONFIG
 
-    scorer = LocatabilityScorer.load(model, device="cpu")
-    return scorer.version, scorer.image_size
+    return read_card(model)["version"], int(storage.read_json(storage.join(model, CONFIG))["image_size"])
 
 
 def _dry_run(cfg: ScoreConfig, uris: list[str], total_bytes: int | None) -> dict[str, Any]:
@@ -224,7 +225,7 @@ def _dry_run(cfg: ScoreConfig, uris: list[str], total_bytes: int | None) -> dict
     sample = uris[: cfg.dry_run_sample]
     start = time.monotonic()
     batch = DecodeStage(scorer.image_size, cfg.storage.model_dump(), cfg.read_retries)({"image_uri": np.array(sample, dtype=object)})
-    ok = [i for i, e in enumerate(batch["error"]) if e is None]
+    ok = [i for i, e in enumerate(batch["error"]) if not e]
     if ok:
         scorer.score(np.stack([scorer.preprocess(Image.fromarray(batch["pixels"][i])) for i in ok]))
     rate = len(sample) / max(time.monotonic() - start, 1e-6)
