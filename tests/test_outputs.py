@@ -57,3 +57,15 @@ def test_bucket_root_is_never_cleared(bucket):
     with pytest.raises(OutputConflict):
         JobRun("make_world", _cfg(f"s3://{bucket}", overwrite=True), inputs={}).start()
     assert storage.exists(f"s3://{bucket}/precious.txt")
+
+
+def test_changed_upstream_is_a_conflict_and_not_complete(tmp_path):
+    up, down = tmp_path / "up", tmp_path / "down"
+    JobRun("make_world", _cfg(up), inputs={}).start().finish(counts={"items": 5})
+    down_cfg = _cfg(down).model_copy(update={"input": str(up)})
+    JobRun("make_world", down_cfg, inputs={"input": str(up)}).start().finish(counts={"items": 1})
+    assert is_complete("make_world", down_cfg)
+    JobRun("make_world", _cfg(up, seed=4, overwrite=True), inputs={}).start().finish(counts={"items": 5})
+    assert not is_complete("make_world", down_cfg)  # the upstream reran with another config
+    with pytest.raises(OutputConflict, match="other inputs"):
+        JobRun("make_world", down_cfg, inputs={"input": str(up)}).start()

@@ -40,9 +40,14 @@ def fingerprint(uri: str | None) -> str | None:
     """
     if not uri:
         return None
+    # the folder itself, or up to two levels up (a manifest file, the images/ folder of a world)
     candidates = [storage.join(uri, SUCCESS_FILE)]
-    if not storage.is_s3(uri) or "." in storage.basename(uri):
-        candidates.append(storage.join(storage.parent(uri), SUCCESS_FILE))
+    up = uri.rstrip("/")
+    for _ in range(2):
+        up = storage.parent(up)
+        if not up or up in ("/", "s3:"):
+            break
+        candidates.append(storage.join(up, SUCCESS_FILE))
     for marker in candidates:
         if storage.is_file(marker):
             record = storage.read_json(marker)
@@ -74,6 +79,7 @@ class JobRun:
         self.inputs = inputs if inputs is not None else {"input": cfg.input}
         self.started = _now()
         self._t0 = time.monotonic()
+        self._fingerprint: dict[str, str | None] | None = None
 
     @property
     def config_hash(self) -> str:
@@ -96,6 +102,8 @@ class JobRun:
                 mismatch = f"job '{previous.get('job')}'"
             elif previous.get("config_hash") != self.config_hash:
                 mismatch = f"another config (hash {previous.get('config_hash')}, this one {self.config_hash})"
+            elif "input_fingerprint" in previous and previous["input_fingerprint"] != self.input_fingerprint:
+                mismatch = "other inputs (an upstream output changed since)"
             elif self.model_version and previous.get("model_version") not in (None, self.model_version):
                 mismatch = f"model version {previous.get('model_version')} (this one {self.model_version})"
         elif storage.exists(self.output) and any(True for _ in storage.iter_files(self.output)):
@@ -113,6 +121,12 @@ class JobRun:
         storage.write_json(self.path(RUN_FILE), self._record())
         return self
 
+    @property
+    def input_fingerprint(self) -> dict[str, str | None]:
+        if self._fingerprint is None:
+            self._fingerprint = {k: fingerprint(v) for k, v in self.inputs.items()}
+        return self._fingerprint
+
     def _record(self) -> dict[str, Any]:
         return {
             "job": self.job,
@@ -120,6 +134,8 @@ class JobRun:
             "code_version": code_version(),
             "model_version": self.model_version,
             "started": self.started,
+            "inputs": self.inputs,
+            "input_fingerprint": self.input_fingerprint,
         }
 
     def finish(self, counts: dict[str, Any], errors_by_kind: dict[str, int] | None = None, **extra: Any) -> dict[str, Any]:
@@ -142,7 +158,6 @@ class JobRun:
             "ended": _now(),
             "config": self.cfg.model_dump(mode="json", exclude={"storage", "ray"}),
             "limit": self.cfg.limit,
-            "input_fingerprint": {k: fingerprint(v) for k, v in self.inputs.items()},
             "counts": counts,
         }
         storage.write_json(self.path(SUCCESS_FILE), success)
@@ -163,12 +178,16 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def is_complete(job: str, cfg: JobConfig, inputs: dict[str, str | None] | None = None) -> bool:
-    """True when ``cfg.output`` holds a finished run of this job with this config and inputs."""
+    """True when ``cfg.output`` holds a finished run of this job with this config and inputs.
+
+    ``inputs`` defaults to the input URIs the finished run recorded: their producers' markers
+    must still be the same.
+    """
     marker = storage.join(storage.absolute(cfg.output), SUCCESS_FILE)
     if not storage.is_file(marker):
         return False
     record = storage.read_json(marker)
-    inputs = inputs if inputs is not None else {"input": cfg.input}
+    inputs = inputs if inputs is not None else record.get("inputs", {})
     return (
         record.get("job") == job
         and record.get("config_hash") == cfg.config_hash()
