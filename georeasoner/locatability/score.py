@@ -39,16 +39,17 @@ class ScoreConfig(JobConfig):
     actor_pool_max: int = Field(2, ge=1, description="scoring actors at most")
     actor_cpus: float = Field(0.5, gt=0, description="CPUs per scoring actor (fractional keeps reads/writes running)")
     actor_gpus: float = Field(0.0, ge=0, description="GPUs per scoring actor (0 on CPU machines)")
-    decode_cpus: float = Field(0.5, gt=0, description="CPUs per read/decode task")
+    decode_cpus: float = Field(0.25, gt=0, description="CPUs per read/decode task (differs from actor_cpus)")
     rows_per_part: int = Field(2000, ge=1, description="rows per output Parquet part")
     suffixes: list[str] | None = Field(None, description="only list keys with these endings (default: every key)")
     write_embeddings: bool = Field(False, description="also write the student's image embedding per row")
     dry_run: bool = Field(False, description="list and count keys and bytes, estimate the run time, write nothing")
     dry_run_sample: int = Field(32, ge=1, description="images scored to measure throughput in a dry run")
     read_retries: int = Field(5, ge=0, description="extra attempts for a transiently failing read")
+    read_threads: int = Field(8, ge=1, description="concurrent GET+decode threads inside each decode task")
 
     runtime_keys = ("batch_size", "actor_pool_min", "actor_pool_max", "actor_cpus", "actor_gpus", "decode_cpus",
-                    "rows_per_part", "dry_run", "dry_run_sample", "read_retries")
+                    "rows_per_part", "dry_run", "dry_run_sample", "read_retries", "read_threads")
 
     def check_inputs(self) -> None:
         if not storage.exists(self.input):
@@ -116,28 +117,38 @@ def read_with_retries(uri: str, retries: int) -> bytes:
 class DecodeStage:
     """Read and decode a batch of keys in a CPU task; errors become row errors."""
 
-    def __init__(self, image_size: int, storage_cfg: dict, retries: int):
+    def __init__(self, image_size: int, storage_cfg: dict, retries: int, threads: int = 8):
         self.image_size = image_size
         self.storage_cfg = storage_cfg
         self.retries = retries
+        self.threads = threads
+
+    def _one(self, uri: str) -> tuple[np.ndarray | None, str]:
+        try:
+            data = read_with_retries(uri, self.retries)
+            return np.asarray(resize_center_crop(decode_image(data), self.image_size)), ""
+        except ImageError as exc:
+            return None, exc.row_error
+        except FileNotFoundError:
+            return None, "unreadable: the key vanished after listing"
+        except Exception as exc:  # noqa: BLE001 - one bad key never stops the job
+            return None, f"unreadable: {type(exc).__name__}: {str(exc)[:200]}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from concurrent.futures import ThreadPoolExecutor
+
         storage.configure(**self.storage_cfg)
         uris = batch["image_uri"]
         size = self.image_size
         pixels = np.zeros((len(uris), size, size, 3), dtype=np.uint8)
-        errors: list[str] = []  # "" = no error (an all-null column would not unify across blocks)
-        for i, uri in enumerate(uris):
-            try:
-                data = read_with_retries(str(uri), self.retries)
-                pixels[i] = np.asarray(resize_center_crop(decode_image(data), size))
-                errors.append("")
-            except ImageError as exc:
-                errors.append(exc.row_error)
-            except FileNotFoundError:
-                errors.append("unreadable: the key vanished after listing")
-            except Exception as exc:  # noqa: BLE001 - one bad key never stops the job
-                errors.append(f"unreadable: {type(exc).__name__}: {str(exc)[:200]}")
+        # GETs wait on the network and Pillow releases the GIL while decoding: overlap them in threads
+        with ThreadPoolExecutor(self.threads) as pool:
+            results = list(pool.map(self._one, [str(u) for u in uris]))
+        errors = []  # "" = no error (an all-null column would not unify across blocks)
+        for i, (px, err) in enumerate(results):
+            if px is not None:
+                pixels[i] = px
+            errors.append(err)
         return {"image_uri": uris, "pixels": pixels, "error": np.array(errors, dtype=object)}
 
 
@@ -259,12 +270,16 @@ def run(cfg: ScoreConfig) -> dict:
         print(f"{JOB}: resuming, {len(uris) - len(todo)} of {len(uris)} keys already scored", flush=True)
     connect(cfg)
     progress = Progress(JOB, total=len(todo), unit="images")
+    steady: list[tuple[float, int]] = []
     if todo:
         storage_cfg = cfg.storage.model_dump()
         n_blocks = max(1, min(len(todo) // max(cfg.batch_size, 1), 4 * int(ray.cluster_resources().get("CPU", 2)) + 1))
         ds = ray.data.from_items([{"image_uri": u} for u in todo], override_num_blocks=n_blocks)
-        ds = ds.map_batches(_decode_fn(image_size, storage_cfg, cfg.read_retries),
-                            batch_size=cfg.batch_size, num_cpus=cfg.decode_cpus)
+        # Ray Data fuses a task stage into the next actor stage when their resource requests match,
+        # which would decode serially inside the scoring actors: keep the two requests distinct.
+        decode_cpus = cfg.decode_cpus if (cfg.decode_cpus != cfg.actor_cpus or cfg.actor_gpus) else cfg.decode_cpus * 0.99
+        ds = ds.map_batches(_decode_fn(image_size, storage_cfg, cfg.read_retries, cfg.read_threads),
+                            batch_size=cfg.batch_size, num_cpus=decode_cpus)
         device = "cuda" if cfg.actor_gpus > 0 else "cpu"
         ds = ds.map_batches(
             ScoreActor, fn_constructor_args=(cfg.model, device, storage_cfg, cfg.write_embeddings),
@@ -277,11 +292,19 @@ def run(cfg: ScoreConfig) -> dict:
             storage.write_parquet(table, job.path(f"{PART_PREFIX}{part:06d}.parquet"), schema_version=SCHEMA_VERSION)
             part += 1
             progress.update(table.num_rows)
-    return job.finish(**_summarise(job.output, uris, cfg.write_embeddings, progress))
+            steady.append((time.monotonic(), progress.done))
+    return job.finish(**_summarise(job.output, uris, cfg.write_embeddings, progress), steady_images_per_s=_steady_rate(steady))
 
 
-def _decode_fn(image_size: int, storage_cfg: dict, retries: int):
-    stage = DecodeStage(image_size, storage_cfg, retries)
+def _steady_rate(marks: list[tuple[float, int]]) -> float | None:
+    """Rows per second after the first part (actor start-up and model load excluded)."""
+    if len(marks) < 2 or marks[-1][0] <= marks[0][0]:
+        return None
+    return round((marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0]), 2)
+
+
+def _decode_fn(image_size: int, storage_cfg: dict, retries: int, threads: int):
+    stage = DecodeStage(image_size, storage_cfg, retries, threads)
 
     def decode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return stage(batch)
