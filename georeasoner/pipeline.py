@@ -75,7 +75,7 @@ def plan(cfg: PipelineConfig) -> list[tuple[str, JobConfig, Callable[[JobConfig]
             stage_cfg = load_config(model, path, _flatten("", cfg.overrides.get(stage, {})))
         except ConfigError as exc:
             raise ConfigError(f"{exc} (stage {stage})") from None
-        out.append((stage, stage_cfg, run))
+        out.append((stage, stage_cfg.absolute_paths(), run))
     return out
 
 
@@ -95,7 +95,7 @@ def run(cfg: PipelineConfig) -> dict:
         stage_cfg.check_inputs()
         start = time.monotonic()
         # a stage that reruns because its config or inputs changed replaces its old output
-        stage_run(stage_cfg.model_copy(update={"overwrite": True}))
+        stage_run(stage_cfg.absolute_paths().model_copy(update={"overwrite": True}))
         report["seconds"][stage] = round(time.monotonic() - start, 1)
         report["ran"].append(stage)
     print(f"pipeline: ran {len(report['ran'])} stage(s) {report['ran']}, skipped {len(report['skipped'])} {report['skipped']}")

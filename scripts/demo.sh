@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Run the main job on the embedded default (creates .venv and installs on first use).
+# Run the main job on the embedded default: the pipeline on configs/pipeline/local.yaml
+# (creates .venv and installs on first use). Run it again and up-to-date stages are skipped.
 source "$(dirname "$0")/_env.sh"
 OUT="$ROOT/outputs/local"
-echo "== 1/1 make_world: drawing the embedded street-view world =="
-python jobs/make_world.py --config configs/make_world/local.yaml "$@"
-python scripts/world_summary.py "$OUT/world"
+python jobs/pipeline.py --config configs/pipeline/local.yaml "$@"
+python scripts/demo_summary.py "$OUT"
 echo
 echo "demo output: $OUT"

@@ -105,3 +105,15 @@ def test_cli_errors_through_the_real_entrypoint():
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().count("\n") == 0 and fragment in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_relative_local_paths_become_absolute(tmp_path, monkeypatch):
+    from georeasoner.locatability.curate import CurateConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scores").mkdir()
+    cfg = CurateConfig(input="scores", manifest="outputs/missing", output="out").absolute_paths()
+    assert cfg.input == str(tmp_path / "scores") and cfg.output == str(tmp_path / "out")
+    assert cfg.manifest == "outputs/missing"  # not an existing path: left as written
+    s3 = CurateConfig(input="s3://b/scores", manifest="m", output="s3://b/out").absolute_paths()
+    assert s3.input == "s3://b/scores" and s3.output == "s3://b/out"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_job
+from conftest import REPO, run_job
 from georeasoner.core import storage
 from georeasoner.core.config import ConfigError
 from georeasoner.pipeline import PipelineConfig, plan, run
@@ -49,4 +49,4 @@ def test_every_stage_config_is_validated_first(tmp_path):
 def test_local_plan_covers_every_stage_config():
     stages = plan(PipelineConfig())
     assert [s for s, _, _ in stages][:3] == ["make_world", "clue_weights", "teacher_labels"]
-    assert all(cfg.output.startswith("outputs/local") for _, cfg, _ in stages)
+    assert all(cfg.output.startswith(str(REPO / "outputs" / "local")) for _, cfg, _ in stages)

@@ -70,6 +70,14 @@ class JobConfig(StrictModel):
     def check_inputs(self) -> None:
         """Raise :class:`InputError` when an input is missing (runs before any work)."""
 
+    def absolute_paths(self) -> "JobConfig":
+        """A copy whose local relative paths are absolute (Ray workers, e.g. Ray Train's, run elsewhere).
+
+        ``input`` and ``output`` always count as paths; any other string value counts when it names an
+        existing local file or folder (a model package, a manifest), so model names and hub ids stay as they are.
+        """
+        return _absolutize(self, top=True)
+
     def config_hash(self) -> str:
         """Hash of the keys that determine the output (runtime keys, ray, storage, overwrite, limit excluded)."""
         skip = {"ray", "storage", "overwrite", "limit", *self.runtime_keys}
@@ -203,3 +211,19 @@ def _type_name(annotation: Any) -> str:
 def to_yaml(cfg: BaseModel) -> str:
     """The resolved config as YAML (for ``--print-config``)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _is_relative_local(value: str) -> bool:
+    return bool(value) and "://" not in value and not Path(value).expanduser().is_absolute()
+
+
+def _absolutize(model: BaseModel, top: bool = False) -> BaseModel:
+    updates: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            updates[name] = _absolutize(value)
+        elif isinstance(value, str) and _is_relative_local(value):
+            if (top and name in ("input", "output")) or Path(value).expanduser().exists():
+                updates[name] = str(Path(value).expanduser().resolve())
+    return model.model_copy(update=updates) if updates else model

@@ -68,6 +68,7 @@ def main(job: str, model: type[JobConfig], run: Callable[[JobConfig], dict], arg
             print(to_yaml(cfg), end="")
             return 0
         cfg.check_inputs()
+        cfg = cfg.absolute_paths()
     except (ConfigError, InputError) as exc:
         print(str(exc).splitlines()[0], file=sys.stderr)
         return 2

@@ -1,0 +1,41 @@
+"""Print what the demo produced, stage by stage (only the stages that have run)."""
+
+from __future__ import annotations
+
+import sys
+
+from georeasoner.core import storage
+
+
+def _success(folder: str) -> dict | None:
+    marker = storage.join(folder, "_SUCCESS.json")
+    return storage.read_json(storage.join(folder, "summary.json")) if storage.is_file(marker) else None
+
+
+def main(root: str) -> None:
+    world = storage.join(root, "world")
+    if _success(world):
+        from world_summary import main as world_summary
+
+        world_summary(world)
+    student = _success(storage.join(root, "student"))
+    if student:
+        m = storage.read_json(storage.join(root, "student", "model_card.json")).get("metrics", {})
+        print(f"\nlocatability student (held-out vs teacher): Spearman {m.get('spearman', float('nan')):.3f}, "
+              f"MAE {m.get('mae', float('nan')):.3f}")
+        by = m.get("mean_score_by_clues") or {}
+        if by:
+            print("  mean student score by clues shown: " + ", ".join(f"{k}: {v:.3f}" for k, v in by.items()))
+    scores = _success(storage.join(root, "scores"))
+    if scores:
+        c = scores["counts"]
+        print(f"scored {c['scored']} of {c['listed']} images ({c['errors']} errors), mean locatability "
+              f"{c['mean_locatability']}, steady {scores.get('steady_images_per_s')} images/s")
+    curated = _success(storage.join(root, "curated"))
+    if curated:
+        c = curated["counts"]
+        print(f"curated: kept {c['items']} of {c['before']} images ({c['kept_fraction']:.0%}) at locatability >= {curated['cut']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
