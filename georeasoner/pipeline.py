@@ -84,7 +84,6 @@ def run(cfg: PipelineConfig) -> dict:
     from georeasoner.core.raycluster import connect
 
     stages = plan(cfg)
-    connect(cfg)
     report = {"ran": [], "skipped": [], "seconds": {}}
     for i, (stage, stage_cfg, stage_run) in enumerate(stages, 1):
         if is_complete(stage_job_name(stage), stage_cfg):
@@ -93,6 +92,7 @@ def run(cfg: PipelineConfig) -> dict:
             continue
         print(f"== {i}/{len(stages)} {stage} ==", flush=True)
         stage_cfg.check_inputs()
+        connect(cfg)  # only once a stage has work to do
         start = time.monotonic()
         # a stage that reruns because its config or inputs changed replaces its old output
         stage_run(stage_cfg.absolute_paths().model_copy(update={"overwrite": True}))
