@@ -201,7 +201,12 @@ def describe(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def _type_name(annotation: Any) -> str:
-    if get_origin(annotation) is not None:
+    origin = get_origin(annotation)
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in get_args(annotation))}]"
+    if origin is not None and str(origin) == "typing.Literal":
+        return "|".join(str(a) for a in get_args(annotation))
+    if origin is not None:
         args = [a for a in get_args(annotation) if a is not type(None)]
         names = "|".join(_type_name(a) for a in args)
         return names + ("?" if type(None) in get_args(annotation) else "")
