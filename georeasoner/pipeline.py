@@ -31,6 +31,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "train_locatability": ("georeasoner.locatability.train", "train_locatability/{variant}"),
     "score_locatability": ("georeasoner.locatability.score", "score_locatability/{variant}"),
     "curate": ("georeasoner.locatability.curate", "curate/{variant}"),
+    "baseline_zeroshot": ("georeasoner.evaluation.baseline", "baseline_zeroshot/{variant}"),
+    "evaluate": ("georeasoner.evaluation.evaluate", "evaluate/{variant}"),
 }
 
 

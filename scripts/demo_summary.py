@@ -36,6 +36,15 @@ def main(root: str) -> None:
         c = curated["counts"]
         print(f"curated: kept {c['items']} of {c['before']} images ({c['kept_fraction']:.0%}) at locatability >= {curated['cut']}")
 
+    evaluation = _success(storage.join(root, "eval"))
+    if evaluation:
+        from georeasoner.evaluation.evaluate import format_table
+
+        metrics = storage.read_json(storage.join(root, "eval", "metrics.json"))
+        print(f"\nevaluation on the world's test split ({metrics['n']} images):")
+        print(format_table(metrics["results"]))
+        print(f"report: {storage.join(root, 'eval', 'report.html')}")
+
 
 if __name__ == "__main__":
     main(sys.argv[1])

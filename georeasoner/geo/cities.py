@@ -238,3 +238,14 @@ def as_geonameid(x: Any) -> int | None:
     if not math.isfinite(f) or f <= 0 or f != int(f):
         return None
     return int(f)
+
+
+def top_cities(country: Any, n: int) -> list[City]:
+    """The ``n`` most populous cities of a country (districts folded into their city are left out)."""
+    code = to_iso2(country)
+    t = _table()
+    rows = t.by_country.get(code) if code else None
+    if rows is None:
+        return []
+    own = [int(r) for r in rows if int(t.parent[int(r)]) == int(r)]  # rows are sorted by population already
+    return [t.cities[r] for r in own[:n]]
