@@ -341,7 +341,11 @@ def iter_files(
 # -- parquet ------------------------------------------------------------------------------
 
 def _buffer(uri: str) -> pa.BufferReader:
-    """An Arrow reader over a file's bytes (pyarrow 26 can abort at exit when reading via io.BytesIO)."""
+    """An Arrow reader over a file's bytes.
+
+    pyarrow 26 sometimes aborts at interpreter exit ("terminate called without an active exception") after
+    a threaded read, or any read through io.BytesIO; reads here are single-threaded from Arrow buffers.
+    """
     return pa.BufferReader(read_bytes(uri))
 
 
@@ -359,11 +363,11 @@ def write_parquet(table: pa.Table, uri: str, schema_version: str | int | None = 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read a Parquet file, or every ``*.parquet`` under a folder/prefix as one table."""
     if is_file(uri):
-        return pq.read_table(_buffer(uri), columns=columns)
+        return pq.read_table(_buffer(uri), columns=columns, use_threads=False)
     parts = [e.uri for e in iter_files(uri, suffixes=(".parquet",))]
     if not parts:
         raise FileNotFoundError(f"no Parquet files at '{uri}'")
-    tables = [pq.read_table(_buffer(p), columns=columns) for p in parts]
+    tables = [pq.read_table(_buffer(p), columns=columns, use_threads=False) for p in parts]
     return pa.concat_tables(tables, promote_options="default")
 
 

@@ -48,7 +48,7 @@ def _world_outline() -> list[np.ndarray]:
 
     from georeasoner.geo.countries import DATA
 
-    t = pq.read_table(DATA, columns=["x", "y"])
+    t = pq.read_table(DATA, columns=["x", "y"], use_threads=False)
     rings = []
     for xs, ys in zip(t.column("x").to_pylist(), t.column("y").to_pylist()):
         if len(xs) < 20:

@@ -68,7 +68,7 @@ class _Polygons:
 
 @lru_cache(maxsize=1)
 def _polygons() -> _Polygons:
-    t = pq.read_table(DATA)
+    t = pq.read_table(DATA, use_threads=False)  # see storage._buffer: pyarrow 26 exit abort
     x, y = t.column("x").combine_chunks(), t.column("y").combine_chunks()
     offsets = x.offsets.to_numpy()
     coords = np.column_stack([x.values.to_numpy(), y.values.to_numpy()]).astype(np.float64)
