@@ -18,6 +18,7 @@ from pydantic import Field
 
 from georeasoner.core import storage
 from georeasoner.core.config import InputError, JobConfig
+from georeasoner.core.manifest import manifest_uri
 from georeasoner.core.outputs import JobRun
 from georeasoner.core.progress import Progress
 
@@ -54,18 +55,12 @@ class BaselineConfig(JobConfig):
             raise InputError(f"input error: model '{self.model}' is not a CLIP package (made by jobs/pretrain_clip.py)")
 
 
-def _manifest(uri: str) -> str | None:
-    if uri.endswith(".parquet"):
-        return uri if storage.is_file(uri) else None
-    candidate = storage.join(uri, "manifest.parquet")
-    return candidate if storage.is_file(candidate) else None
-
 
 def images_and_candidates(cfg: BaselineConfig) -> tuple[list[str], dict[str, list[dict[str, Any]]]]:
     """(image URIs, {ISO2: [candidate city {name, lat, lon, geonameid}]})."""
     from georeasoner.geo import city_by_id, country_codes, find_city
 
-    manifest = _manifest(cfg.input)
+    manifest = manifest_uri(cfg.input)
     candidates: dict[str, list[dict[str, Any]]] = {}
     if manifest:
         table = storage.read_parquet(manifest)

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from georeasoner.core import storage
 from georeasoner.core.config import InputError, JobConfig
+from georeasoner.core.manifest import manifest_uri
 from georeasoner.core.outputs import JobRun
 from georeasoner.evaluation.metrics_table import ANSWER_COLUMNS, metrics_table
 from georeasoner.metrics import THRESHOLDS_KM
@@ -35,19 +36,13 @@ class EvaluateConfig(JobConfig):
             uri = getattr(self, key)
             if uri is not None and not storage.exists(uri):
                 raise InputError(f"input error: {key} '{uri}' does not exist (answers made by jobs/geolocate.py or jobs/baseline_zeroshot.py)")
-        if _manifest_uri(self.manifest) is None:
+        if manifest_uri(self.manifest) is None:
             raise InputError(f"input error: manifest '{self.manifest}' does not exist (made by jobs/make_world.py or jobs/ingest.py)")
 
 
-def _manifest_uri(uri: str) -> str | None:
-    if uri.endswith(".parquet"):
-        return uri if storage.is_file(uri) else None
-    candidate = storage.join(uri, "manifest.parquet")
-    return candidate if storage.is_file(candidate) else None
-
 
 def read_truth(cfg: EvaluateConfig) -> list[dict]:
-    table = storage.read_parquet(_manifest_uri(cfg.manifest))
+    table = storage.read_parquet(manifest_uri(cfg.manifest))
     if "image_uri" not in table.column_names:
         raise InputError(f"input error: manifest '{cfg.manifest}' has no image_uri column")
     if cfg.splits and "split" in table.column_names:

@@ -20,27 +20,15 @@ from pydantic import Field
 
 from georeasoner.core import storage
 from georeasoner.core.config import InputError, JobConfig
+from georeasoner.core.manifest import MANIFEST_SCHEMA, MANIFEST_SCHEMA_VERSION
 from georeasoner.core.outputs import JobRun
 from georeasoner.core.progress import Progress
 
 JOB = "ingest"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp")
 EXIF_HEAD_BYTES = 256 * 1024  # EXIF sits in the first APP1 segment (at most 64 KiB) of a JPEG
-MANIFEST_SCHEMA_VERSION = 1
 
-INGEST_SCHEMA = pa.schema([
-    ("image_uri", pa.string()),
-    ("lat", pa.float64()),
-    ("lon", pa.float64()),
-    ("country", pa.string()),
-    ("city", pa.string()),
-    ("geonameid", pa.int64()),
-    ("split", pa.string()),
-    ("mask_uri", pa.string()),
-    ("clues", pa.list_(pa.string())),
-    ("licence", pa.string()),
-    ("label_source", pa.string()),
-])
+INGEST_SCHEMA = MANIFEST_SCHEMA.append(pa.field("label_source", pa.string()))
 
 
 class IngestConfig(JobConfig):

@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 
 from georeasoner.core import storage
 from georeasoner.core.config import InputError, JobConfig
+from georeasoner.core.manifest import manifest_uri
 from georeasoner.core.outputs import JobRun
 
 JOB = "curate"
@@ -48,12 +49,6 @@ class CurateConfig(JobConfig):
         if manifest_uri(self.manifest) is None:
             raise InputError(f"input error: manifest '{self.manifest}' does not exist (made by jobs/make_world.py or jobs/ingest.py)")
 
-
-def manifest_uri(uri: str) -> str | None:
-    if uri.endswith(".parquet"):
-        return uri if storage.is_file(uri) else None
-    candidate = storage.join(uri, "manifest.parquet")
-    return candidate if storage.is_file(candidate) else None
 
 
 def read_scores(uri: str, column: str) -> tuple[pa.Table, str]:

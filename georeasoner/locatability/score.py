@@ -20,6 +20,7 @@ from pydantic import Field
 
 from georeasoner.core import storage
 from georeasoner.core.config import InputError, JobConfig
+from georeasoner.core.manifest import manifest_uri
 from georeasoner.core.images import ImageError, decode_image, error_kind, resize_center_crop
 from georeasoner.core.outputs import JobRun
 from georeasoner.core.progress import Progress
@@ -60,16 +61,10 @@ class ScoreConfig(JobConfig):
 
 # -- listing ------------------------------------------------------------------------------
 
-def _manifest_uri(uri: str) -> str | None:
-    if uri.endswith(".parquet") and storage.is_file(uri):
-        return uri
-    candidate = storage.join(uri, "manifest.parquet")
-    return candidate if storage.is_file(candidate) else None
-
 
 def list_keys(cfg: ScoreConfig) -> tuple[list[str], int | None]:
     """(image URIs, total bytes or None) of the input, de-duplicated, in listing order."""
-    manifest = _manifest_uri(cfg.input)
+    manifest = manifest_uri(cfg.input)
     if manifest:
         uris = storage.read_parquet(manifest, columns=["image_uri"]).column("image_uri").to_pylist()
         uris = list(dict.fromkeys(u for u in uris if u))
