@@ -32,10 +32,13 @@ class EvaluateConfig(JobConfig):
     report: bool = Field(True, description="write report.html beside metrics.json")
 
     def check_inputs(self) -> None:
-        for key in ("input", "baseline", "scores"):
+        makers = {"input": "answers made by jobs/geolocate.py or jobs/baseline_zeroshot.py",
+                  "baseline": "answers made by jobs/baseline_zeroshot.py",
+                  "scores": "locatability scores made by jobs/score_locatability.py"}
+        for key, maker in makers.items():
             uri = getattr(self, key)
             if uri is not None and not storage.exists(uri):
-                raise InputError(f"input error: {key} '{uri}' does not exist (answers made by jobs/geolocate.py or jobs/baseline_zeroshot.py)")
+                raise InputError(f"input error: {key} '{uri}' does not exist ({maker})")
         if manifest_uri(self.manifest) is None:
             raise InputError(f"input error: manifest '{self.manifest}' does not exist (made by jobs/make_world.py or jobs/ingest.py)")
 
