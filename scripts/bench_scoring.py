@@ -14,7 +14,6 @@ Prints the table and the ratios b/a and b/c.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import socket
 import subprocess
@@ -50,7 +49,6 @@ def start_s3() -> tuple[subprocess.Popen, str]:
 
 def untrained_student(folder: Path) -> str:
     """A student package with random weights: the same speed as a trained one."""
-    import torch
     from safetensors.torch import save_file
 
     from georeasoner.clip.model import MEAN, STD, image_size_of, model_config

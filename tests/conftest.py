@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTOS = Path(os.environ.get("GEOREASONER_PHOTOS", REPO.parent / "shared" / "photos"))
 
 
 def free_port() -> int:

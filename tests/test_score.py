@@ -10,8 +10,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
 from conftest import REPO
 from faulty_s3 import FaultyProxy
 from georeasoner.core import storage

@@ -199,6 +199,18 @@ def report(metrics: dict[str, Any], model=None, optimizer=None, state: dict[str,
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def worker_context(c: dict):
+    """Common start of a Ray Train worker: torch threads and seed from ``c``; returns (rank, world size, device)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    torch.set_num_threads(c["threads"])
+    torch.manual_seed(c["seed"])
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warmup, then cosine decay to 0."""
     if step < warmup:
@@ -370,11 +382,7 @@ def train_loop(c: dict) -> None:
 
     from georeasoner.clip.model import resolve_clip
 
-    torch.set_num_threads(c["threads"])
-    torch.manual_seed(c["seed"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = worker_context(c)
     model, _, _, _ = resolve_clip(c["model"], c["weights"])
     model = ray.train.torch.prepare_model(model)
     model.train()

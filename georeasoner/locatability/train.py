@@ -30,6 +30,7 @@ from georeasoner.clip.pretrain import (
     restore_state,
     run_name,
     training_data,
+    worker_context,
 )
 from georeasoner.core import storage
 from georeasoner.core.config import InputError
@@ -124,11 +125,7 @@ def train_loop(c: dict) -> None:
     from georeasoner.clip.model import normalise_torch, resolve_clip
     from georeasoner.locatability.student import build_student
 
-    torch.set_num_threads(c["threads"])
-    torch.manual_seed(c["seed"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = worker_context(c)
     clip, _, _, _ = resolve_clip(c["clip"], c["clip_weights"])
     model = build_student(c["student_config"], visual=clip.visual)
     del clip
