@@ -129,3 +129,13 @@ def student_package(tmp_path_factory) -> str:
     save_student(tmp / "w.safetensors", config, out, card_name="student-untrained", base_model=name, stages=["none"],
                  training_data=[], metrics={})
     return out
+
+
+@pytest.fixture(scope="session")
+def vlm_package(tmp_path_factory) -> str:
+    """An untrained tiny Qwen2-VL package (random weights in ``base/``, no adapters): for serving/batch mechanics."""
+    from georeasoner.vlm.model import write_untrained_package
+
+    out = str(tmp_path_factory.mktemp("vlm") / "package")
+    write_untrained_package("tiny:qwen2-vl", out, seed=0)
+    return out

@@ -1,0 +1,1 @@
+"""The GeoReasoner vision-language model: loader, prompts, answers, SFT sets and fine-tuning."""

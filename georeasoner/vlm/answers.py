@@ -1,0 +1,107 @@
+"""One parser for the model's answers (CONVENTIONS › Answers).
+
+Accepts JSON, the paper's single-quoted pseudo-JSON (``{'country': 'Japan', 'city': 'Osaka'}``) and free
+text (``Country: Japan. City: Osaka.`` or a sentence naming a country). Country names become ISO2; lat/lon
+come from the city (GeoNames) when it is known in that country, else the country's centroid. Anything
+unparseable gives all nulls: parsing never raises.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from typing import Any
+
+MAX_TEXT = 8000
+FIELDS = ("country", "city", "lat", "lon", "reasons", "confidence")
+_OBJECT = re.compile(r"\{.*\}", re.S)
+_KEYED = re.compile(r"""["']?(country|city|reasons?)["']?\s*[:=]\s*(?:"([^"]*)"|'([^']*)'|([^,.;\n}]*))""", re.I)
+
+
+def empty_answer(reasons: str = "") -> dict[str, Any]:
+    return {"country": None, "city": None, "lat": None, "lon": None, "reasons": reasons, "confidence": 0.0}
+
+
+def _as_object(text: str) -> dict[str, Any] | None:
+    match = _OBJECT.search(text)
+    if not match:
+        return None
+    block = match.group(0)
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            value = parse(block)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        if isinstance(value, dict):
+            return {str(k).lower(): v for k, v in value.items()}
+    return None
+
+
+def _keyed_fields(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, dq, sq, bare in _KEYED.findall(text):
+        key = key.lower().rstrip("s") if key.lower() != "reasons" else "reasons"
+        key = "reasons" if key == "reason" else key
+        value = next((v for v in (dq, sq, bare) if v), "").strip()
+        out.setdefault(key, value)
+    return out
+
+
+def _mentioned_country(text: str) -> str | None:
+    """The first country named in free text (whole-word match of names the geography knows)."""
+    from georeasoner.geo import to_iso2
+    from georeasoner.vlm.model import country_names
+
+    best: tuple[int, str] | None = None
+    lowered = text.lower()
+    for name in country_names():
+        m = re.search(r"\b" + re.escape(name.lower()) + r"\b", lowered)
+        if m and (best is None or m.start() < best[0]):
+            best = (m.start(), name)
+    return to_iso2(best[1]) if best else None
+
+
+def _clean(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip().strip("\"'").strip()
+    return None if text.lower() in ("", "null", "none", "unknown", "n/a") else text
+
+
+def parse_answer(text: Any) -> dict[str, Any]:
+    """``{"country", "city", "lat", "lon", "reasons", "confidence"}`` from a model's raw text (confidence 0.0
+    here: the caller sets it from token probabilities)."""
+    try:
+        return _parse(text)
+    except Exception:  # noqa: BLE001 - a parser must never take a batch down
+        return empty_answer()
+
+
+def _parse(text: Any) -> dict[str, Any]:
+    from georeasoner.geo import country_centroid, find_city, to_iso2
+
+    if not isinstance(text, str) or not text.strip():
+        return empty_answer()
+    text = text[:MAX_TEXT]
+    fields = _as_object(text) or _keyed_fields(text)
+    country_text, city_text = _clean(fields.get("country")), _clean(fields.get("city"))
+    reasons = fields.get("reasons", fields.get("reason"))
+    reasons = str(reasons).strip() if reasons not in (None, "") else ""
+    iso2 = to_iso2(country_text) if country_text else None
+    if iso2 is None and country_text is None and not fields:
+        iso2 = _mentioned_country(text)
+        reasons = reasons or text.strip()
+    answer = empty_answer(reasons)
+    city = find_city(city_text, iso2) if city_text else None
+    if iso2 is None and city is not None and country_text is None:
+        iso2 = city.country
+    answer["country"] = iso2
+    if city is not None and (iso2 is None or city.country == iso2):
+        answer.update(city=city.name, lat=float(city.lat), lon=float(city.lon))
+    else:
+        answer["city"] = city_text if iso2 else None
+        centroid = country_centroid(iso2) if iso2 else None
+        if centroid:
+            answer.update(lat=float(centroid[0]), lon=float(centroid[1]))
+    return answer

@@ -1,0 +1,512 @@
+"""``finetune``: the VLM's training stages on Ray Train + DeepSpeed ZeRO, with LoRA (peft).
+
+- ``base`` (local only): every parameter of a tiny random model trained on clue *descriptions* that name no
+  country: the stand-in for a pretrained checkpoint (a random base learns almost nothing through LoRA alone).
+- ``reasoning`` (stage 1): a LoRA adapter on the (image, country + reasons) set.
+- ``location`` (stage 2): the stage-1 package's adapters merged, a fresh adapter on the (image, country + city)
+  set of curated images.
+
+Each worker builds the model, wraps it with LoRA (vision tower frozen unless asked), hands a torch AdamW and a
+warmup+cosine schedule to ``deepspeed.initialize`` (gloo + ``DS_ACCELERATOR=cpu`` without a GPU, bf16 with
+one) and steps through a seeded order of global batches. Every ``checkpoint_every_steps`` all ranks write
+their DeepSpeed shards (frozen weights excluded) and rank 0 the adapter (gathered under ZeRO-3), the
+TensorBoard events and the step: ``ray.train.report`` stores them under ``RunConfig(storage_path)`` (local
+or ``s3://``); the same run started again resumes from there, and ``FailureConfig`` retries lost workers.
+The output is a VLM package (:mod:`georeasoner.vlm.model`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from georeasoner.clip.pretrain import TrainResources, finish_train_storage, run_name, worker_context
+from georeasoner.core import packages, storage
+from georeasoner.core.config import InputError, StrictModel
+from georeasoner.core.outputs import SUMMARY_FILE, JobRun, is_complete
+
+JOB = "finetune"
+TASKS = ("base", "reasoning", "location")
+CKPT_TAG = "ckpt"
+
+
+class LoraSettings(StrictModel):
+    """LoRA (peft); ``enabled: false`` trains every parameter (the ``base`` stage)."""
+
+    enabled: bool = Field(True, description="train a LoRA adapter (false: full-parameter training)")
+    r: int = Field(64, ge=1, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA alpha")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                      description="module name suffixes that get adapters (language model)")
+    freeze_vision: bool = Field(True, description="keep the vision tower frozen")
+
+
+class FinetuneConfig(TrainResources):
+    """Config of ``jobs/finetune.py``."""
+
+    input: str = Field(..., description="the SFT sets folder (build_sft output) or one .jsonl file")
+    task: Literal["base", "reasoning", "location"] = Field(..., description="training stage: base, reasoning, location")
+    model: str = Field(..., description="start from: tiny:qwen2-vl | tiny:qwen2.5-vl | VLM package | checkpoint dir | hub id")
+    name: str | None = Field(None, description="model name in the card (default georeasoner-vlm-<task>)")
+    deepspeed: str = Field("zero2", description="zero2 | zero3 | path to a DeepSpeed JSON config")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    epochs: float = Field(1.0, gt=0, description="passes over the set (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (overrides epochs)")
+    micro_batch_size: int = Field(8, ge=1, description="examples per micro-batch per worker")
+    grad_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW, warmup then cosine)")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of steps with linear warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="gradient clipping (DeepSpeed 'auto')")
+    bf16: bool = Field(True, description="bf16 on GPU (CPU always trains in fp32)")
+    checkpoint_every_steps: int = Field(50, ge=1, description="report a resumable checkpoint every N steps")
+    max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig: restarts after a lost worker")
+    cache_pixels: bool = Field(True, description="keep processed images in worker memory (small sets)")
+    eval_input: str | None = Field(None, description="manifest (or folder) to measure country accuracy before/after")
+    eval_split: str = Field("test", description="split of eval_input to measure on")
+    eval_limit: int = Field(300, ge=1, description="images measured")
+
+    runtime_keys = TrainResources.runtime_keys + ("max_failures", "cache_pixels", "eval_limit")
+
+    def set_uri(self) -> str:
+        if self.input.endswith(".jsonl"):
+            return self.input
+        return storage.join(self.input, f"{self.task}.jsonl")
+
+    def card_name(self) -> str:
+        return self.name or f"georeasoner-vlm-{self.task}"
+
+    def check_inputs(self) -> None:
+        from georeasoner.vlm import ds_config
+        from georeasoner.vlm.model import check_reference
+
+        if not storage.is_file(self.set_uri()):
+            raise InputError(f"input error: SFT set '{self.set_uri()}' does not exist; make it with jobs/build_sft.py")
+        try:
+            check_reference(self.model)
+            ds_config.read(self.deepspeed)
+        except ValueError as exc:
+            raise InputError(f"input error: {exc}") from None
+        if self.task == "base" and self.lora.enabled:
+            raise InputError("input error: task 'base' trains every parameter: set lora.enabled=false")
+        if self.task != "base" and not self.lora.enabled:
+            raise InputError(f"input error: task '{self.task}' trains a LoRA adapter: set lora.enabled=true")
+        if self.eval_input:
+            from georeasoner.clip.pretrain import resolve_manifest
+
+            if not storage.is_file(resolve_manifest(self.eval_input)):
+                raise InputError(f"input error: eval_input '{self.eval_input}' does not exist")
+        if self.lora.enabled:
+            check_lora_targets(self.model, self.lora)
+        from georeasoner.vlm.batches import read_rows
+
+        if not read_rows(self.set_uri()):
+            raise InputError(f"input error: SFT set '{self.set_uri()}' has no train rows")
+
+
+# -- model preparation (driver checks and workers) ------------------------------------------------
+
+def _meta_model(ref: str):
+    """The model's module tree without weights (meta device): for checking LoRA targets before training."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from georeasoner.vlm import model as vlm
+
+    if vlm.is_tiny(ref):
+        config = vlm.tiny_config(vlm.tiny_family(ref), vlm.build_processor(vlm.tiny_family(ref)).tokenizer)
+    elif vlm.is_package(ref):
+        folder = packages.local_copy(ref)
+        card = json.loads((folder / packages.CARD).read_text())
+        base = card.get("base") or {}
+        if base.get("path"):
+            config = AutoConfig.from_pretrained(str(folder / base["path"]), trust_remote_code=False)
+        else:
+            return _meta_model(base["ref"])
+    else:
+        config = AutoConfig.from_pretrained(vlm.local_checkpoint(ref), trust_remote_code=False)
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
+
+
+def _target_regex(lora: LoraSettings) -> str:
+    """peft ``target_modules`` as a regex: the suffixes, inside the language model when the vision tower is frozen."""
+    names = "|".join(sorted(set(lora.target_modules)))
+    scope = r".*language_model.*\." if lora.freeze_vision else r".*\."
+    return rf"{scope}({names})"
+
+
+def check_lora_targets(ref: str, lora: LoraSettings) -> None:
+    import re
+
+    model = _meta_model(ref)
+    pattern = re.compile(_target_regex(lora))
+    names = [n for n, _ in model.named_modules()]
+    unmatched = [t for t in lora.target_modules if not any(pattern.fullmatch(n) and n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise InputError(f"input error: lora.target_modules {unmatched} match no module of model '{ref}' "
+                         f"(e.g. {sorted({n.rsplit('.', 1)[-1] for n in names if 'language_model' in n})[:12]})")
+
+
+def _prepare_model(model, lora: dict[str, Any] | None):
+    """LoRA-wrap (or make every parameter trainable for the base stage)."""
+    if not lora:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=lora["regex"], bias="none")
+    return get_peft_model(model, config)
+
+
+def lr_lambda(total: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _gathered(engine, params):
+    import contextlib
+
+    import deepspeed
+
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def save_trained(engine, model, folder: Path, lora: bool, rank: int) -> None:
+    """Rank 0 writes the adapter (``adapter/``) or the full model (``model/``); every rank joins the ZeRO-3 gather."""
+    import torch
+
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        with _gathered(engine, params):
+            if rank == 0:
+                state = {k: v.detach().to(torch.float32).cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+                model.save_pretrained(str(folder / "adapter"), state_dict=state, safe_serialization=True)
+    else:
+        with _gathered(engine, model.parameters()):
+            if rank == 0:
+                state = {k: v.detach().to(torch.float32).cpu().clone() for k, v in model.state_dict().items()}
+                model.save_pretrained(str(folder / "model"), state_dict=state, safe_serialization=True)
+
+
+# -- the Ray Train worker ---------------------------------------------------------------------
+
+def train_loop(c: dict) -> None:
+    """The Ray Train worker function of ``finetune``."""
+    import ray.train
+    import torch
+
+    if not c["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from georeasoner.core.storage import configure
+    from georeasoner.vlm import ds_config
+    from georeasoner.vlm.batches import ImageCache, collate, micro_batches, prefetch, read_rows, step_indices
+    from georeasoner.vlm.model import load_vlm
+
+    configure(**c["storage"])
+    rank, world, device = worker_context(c)
+    loaded = load_vlm(c["model"], dtype="bfloat16" if c["bf16"] else None)
+    model = _prepare_model(loaded.model, c["lora"])
+    model.train()
+    rows = read_rows(c["set"])[: c["limit"]]
+    global_batch = c["micro"] * c["accumulation"] * world
+    total = c["max_steps"] or max(1, math.ceil(c["epochs"] * len(rows) / global_batch))
+    config = ds_config.fill(ds_config.read(c["deepspeed"]), micro_batch=c["micro"], accumulation=c["accumulation"],
+                            world_size=world, grad_clip=c["grad_clip"], bf16=c["bf16"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=c["lr"], weight_decay=c["weight_decay"], betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, int(c["warmup_ratio"] * total)))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+                                           dist_init_required=False)
+    step, history, tb_files = 0, [], {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            engine.load_checkpoint(folder, tag=CKPT_TAG, load_module_strict=False)
+            state = json.loads((Path(folder) / "state.json").read_text())
+            step, history = state["step"], state["history"]
+            tb = Path(folder) / "tensorboard"
+            tb_files = {p.name: p.read_bytes() for p in tb.iterdir()} if tb.is_dir() else {}
+        print(f"{JOB}: resuming at step {step}/{total} (lr {scheduler.get_last_lr()[0]:.3g})", flush=True)
+    writer, tb_dir = _tensorboard(rank, tb_files)
+    cache = ImageCache(loaded.processor, cache=c["cache_pixels"])
+    tokenizer = loaded.processor.tokenizer
+    plan = [(s, i) for s in range(step, total)
+            for i in micro_batches(step_indices(len(rows), s, global_batch, c["seed"]), c["micro"], c["accumulation"],
+                                   rank, world)]
+
+    def make(item):
+        return collate([rows[j] for j in item[1]], cache, tokenizer)
+
+    t0, seen, losses = time.monotonic(), 0, []
+    batches = prefetch(make, plan)
+    for s in range(step, total):
+        for _ in range(c["accumulation"]):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+            seen += batch["input_ids"].shape[0]
+        step = s + 1
+        if step % c["log_every"] == 0 or step == total:
+            mean = sum(losses) / len(losses)
+            rate = seen * world / max(1e-9, time.monotonic() - t0)
+            history.append({"step": step, "loss": round(mean, 4), "lr": scheduler.get_last_lr()[0]})
+            if writer:
+                writer.add_scalar("train/loss", mean, step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("train/samples_per_s", rate, step)
+                writer.flush()
+            if rank == 0:
+                print(f"{JOB}: step {step}/{total} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.3g} "
+                      f"{rate:.1f} samples/s", flush=True)
+            losses = []
+        if step % c["checkpoint_every"] == 0 or step == total:
+            metrics = {"step": step, "total_steps": total, "loss": history[-1]["loss"] if history else None,
+                       "samples_per_s": round(seen * world / max(1e-9, time.monotonic() - t0), 2)}
+            _report(engine, model, metrics, {"step": step, "history": history}, bool(c["lora"]), rank, tb_dir)
+    if writer:
+        writer.close()
+
+
+def _tensorboard(rank: int, files: dict[str, bytes]):
+    if rank != 0:
+        return None, None
+    from tensorboardX import SummaryWriter
+
+    folder = Path(tempfile.mkdtemp(prefix="georeasoner-tb-"))
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return SummaryWriter(str(folder)), folder
+
+
+def _report(engine, model, metrics: dict, state: dict, lora: bool, rank: int, tb_dir: Path | None) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        engine.save_checkpoint(tmp, tag=CKPT_TAG, exclude_frozen_parameters=lora)
+        save_trained(engine, model, folder, lora, rank)
+        if rank == 0:
+            (folder / "state.json").write_text(json.dumps(state))
+            if tb_dir is not None:
+                shutil.copytree(tb_dir, folder / "tensorboard")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+# -- the job ----------------------------------------------------------------------------------
+
+def _lineage(ref: str, folder: Path, init_base: str | None) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict]]:
+    """(card ``base``, inherited adapters copied into ``folder/adapters``, inherited training data)."""
+    from georeasoner.vlm import model as vlm
+
+    if vlm.is_tiny(ref):
+        shutil.copytree(init_base, folder / "base")
+        return {"ref": None, "path": "base", "origin": ref}, [], []
+    if not vlm.is_package(ref):
+        return {"ref": ref, "path": None}, [], []
+    src = packages.local_copy(ref)
+    card = json.loads((src / packages.CARD).read_text())
+    data = list(card.get("training_data") or [])
+    if not card.get("adapters"):
+        return {"ref": storage.absolute(ref), "path": None}, [], data
+    base = dict(card["base"])
+    if base.get("path"):
+        shutil.copytree(src / base["path"], folder / "base")
+    adapters = []
+    for a in card["adapters"]:
+        shutil.copytree(src / a["path"], folder / a["path"])
+        adapters.append(dict(a))
+    return base, adapters, data
+
+
+def _save_init_base(cfg: FinetuneConfig, name: str) -> str | None:
+    """A tiny random start is saved once, so every worker (any node) and the package get the same weights."""
+    from georeasoner.vlm.model import is_tiny, load_vlm
+
+    if not is_tiny(cfg.model):
+        return None
+    uri = storage.join(cfg.train_storage(), name, "init_base")
+    local = Path(tempfile.mkdtemp(prefix="georeasoner-init-"))
+    loaded = load_vlm(cfg.model, seed=cfg.seed)
+    loaded.model.save_pretrained(str(local), safe_serialization=True)
+    loaded.processor.save_pretrained(str(local))
+    if storage.is_s3(uri):
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            storage.write_bytes(storage.join(uri, str(path.relative_to(local))), path.read_bytes())
+    else:
+        shutil.copytree(local, uri, dirs_exist_ok=True)
+    return str(local) if storage.is_s3(uri) else uri
+
+
+def measure(ref: str, cfg: FinetuneConfig, question: str) -> dict[str, Any]:
+    """Country accuracy (and chance) of a model on the eval split: the greedy country token among the
+    eval countries, as generation would choose it."""
+    import numpy as np
+
+    from georeasoner.clip.pretrain import resolve_manifest
+    from georeasoner.core.images import decode_image
+    from georeasoner.geo import country_name
+    from georeasoner.vlm.model import load_vlm
+    from georeasoner.vlm.predict import Geolocator
+
+    rows = storage.read_parquet(resolve_manifest(cfg.eval_input), columns=["image_uri", "country", "split"]).to_pylist()
+    rows = [r for r in rows if r["split"] == cfg.eval_split and r["country"]][: cfg.eval_limit]
+    countries = sorted({r["country"] for r in rows})
+    if not rows:
+        return {}
+    geo = Geolocator(load_vlm(ref, seed=cfg.seed))
+    names = [country_name(c) or c for c in countries]
+    preds = []
+    for i in range(0, len(rows), 32):
+        images = [decode_image(storage.read_bytes(r["image_uri"])) for r in rows[i:i + 32]]
+        preds.extend(geo.country_scores(images, names, question).argmax(1).tolist())
+    truth = [countries.index(r["country"]) for r in rows]
+    return {"country_accuracy": round(float(np.mean(np.asarray(preds) == np.asarray(truth))), 4),
+            "chance": round(1 / len(countries), 4), "images": len(rows)}
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Train one stage; the output folder becomes a VLM package."""
+    from georeasoner.core.raycluster import connect
+    from georeasoner.vlm import prompts
+    from georeasoner.vlm.batches import read_rows
+    from georeasoner.vlm.model import write_package
+
+    set_uri = cfg.set_uri()
+    inputs = {"input": set_uri, "model": None if cfg.model.startswith("tiny:") or not storage.exists(cfg.model) else cfg.model}
+    if is_complete(JOB, cfg, inputs):
+        print(f"{JOB}: '{cfg.output}' is complete for this config and input; nothing to do", flush=True)
+        return storage.read_json(storage.join(storage.absolute(cfg.output), SUMMARY_FILE))
+    job = JobRun(JOB, cfg, inputs=inputs).start()
+    rows = read_rows(set_uri)[: cfg.limit]
+    question = prompts.PROMPTS["location" if cfg.task == "base" else cfg.task]
+    before = measure(cfg.model, cfg, question) if cfg.eval_input else {}
+    connect(cfg)
+    name = run_name(JOB, cfg, inputs)
+    init_base = _save_init_base(cfg, name)
+    loop = {
+        "model": init_base if init_base and not storage.is_s3(cfg.train_storage()) else
+        (storage.join(cfg.train_storage(), name, "init_base") if init_base else cfg.model),
+        "set": storage.absolute(set_uri) if not storage.is_s3(set_uri) else set_uri,
+        "limit": cfg.limit, "seed": cfg.seed, "use_gpu": cfg.use_gpu, "bf16": cfg.bf16 and cfg.use_gpu,
+        "deepspeed": str(Path(cfg.deepspeed).resolve()) if cfg.deepspeed not in ("zero2", "zero3") else cfg.deepspeed,
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                 "regex": _target_regex(cfg.lora)} if cfg.lora.enabled else None,
+        "micro": cfg.micro_batch_size, "accumulation": cfg.grad_accumulation, "epochs": cfg.epochs,
+        "max_steps": cfg.max_steps, "lr": cfg.lr, "warmup_ratio": cfg.warmup_ratio, "weight_decay": cfg.weight_decay,
+        "grad_clip": cfg.grad_clip, "checkpoint_every": cfg.checkpoint_every_steps, "cache_pixels": cfg.cache_pixels,
+        "log_every": max(1, min(10, cfg.checkpoint_every_steps)),
+        "storage": {"endpoint_url": storage.endpoint_url(), "region": storage.region()},
+    }
+    print(f"{JOB}: {cfg.task} on {len(rows)} rows, model {cfg.model}, {cfg.deepspeed}, "
+          f"{'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'all parameters'}, {cfg.num_workers} worker(s)", flush=True)
+    result = _fit(loop, cfg, name)
+    with tempfile.TemporaryDirectory() as tmp, result.checkpoint.as_directory() as ckpt:
+        folder, ckpt = Path(tmp), Path(ckpt)
+        base, adapters, inherited = _lineage(cfg.model, folder, init_base)
+        if cfg.lora.enabled:
+            shutil.copytree(ckpt / "adapter", folder / "adapters" / cfg.task)
+            adapters.append({"name": cfg.task, "path": f"adapters/{cfg.task}"})
+        else:
+            shutil.rmtree(folder / "base", ignore_errors=True)
+            shutil.copytree(ckpt / "model", folder / "base")
+            base = {"ref": None, "path": "base", "origin": cfg.model}
+        _copy_processor(cfg.model, init_base, folder)
+        if (ckpt / "tensorboard").is_dir():
+            shutil.copytree(ckpt / "tensorboard", folder / "tensorboard")
+        licences = sorted({r.get("licence") or "unknown" for r in rows})
+        data = inherited + [{"uri": set_uri, "licence": lic, "task": cfg.task} for lic in licences]
+        stage = {"task": cfg.task, "steps": result.metrics.get("total_steps"), "deepspeed": cfg.deepspeed,
+                 "lora": cfg.lora.model_dump() if cfg.lora.enabled else None, "workers": cfg.num_workers}
+        card = write_package(folder, cfg.output, name=cfg.card_name(), family=_family(cfg.model), base=base,
+                             adapters=adapters, stages=_stages(cfg.model) + [stage], training_data=data,
+                             extra={"inference_prompt": question})
+    after = measure(cfg.output, cfg, question) if cfg.eval_input else {}
+    if before or after:
+        print(f"{JOB}: country accuracy on {cfg.eval_split}: before {before.get('country_accuracy')} → after "
+              f"{after.get('country_accuracy')} (chance {after.get('chance')})", flush=True)
+    finish_train_storage(cfg, name)
+    job.model_version = card["version"]
+    return job.finish(
+        counts={"items": len(rows), "rows": len(rows), "steps": result.metrics.get("total_steps"),
+                "workers": cfg.num_workers},
+        metrics={"final_loss": result.metrics.get("loss"), "samples_per_s": result.metrics.get("samples_per_s"),
+                 "before": before, "after": after},
+        model=card["version"], adapters=[a["name"] for a in adapters], commercial_use=card["commercial_use"])
+
+
+def _fit(loop: dict, cfg: FinetuneConfig, name: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    uri = cfg.train_storage()
+    fs, path = storage.arrow_filesystem(uri) if storage.is_s3(uri) else (None, storage.absolute(uri))
+    env = {"DS_ACCELERATOR": "cpu"} if not cfg.use_gpu else {}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={**loop, "threads": max(1, int(cfg.cpus_per_worker))},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+    )
+    if env:
+        os.environ.update(env)
+    return trainer.fit()
+
+
+def _copy_processor(ref: str, init_base: str | None, folder: Path) -> None:
+    from transformers import AutoProcessor
+
+    from georeasoner.vlm import model as vlm
+
+    if init_base:
+        src = init_base
+    elif vlm.is_package(ref):
+        src = str(packages.local_copy(ref) / "processor")
+    else:
+        src = vlm.local_checkpoint(ref)
+    AutoProcessor.from_pretrained(src, trust_remote_code=False).save_pretrained(str(folder / "processor"))
+
+
+def _family(ref: str) -> str:
+    from georeasoner.vlm import model as vlm
+
+    if vlm.is_tiny(ref):
+        return vlm.tiny_family(ref)
+    if vlm.is_package(ref):
+        return packages.read_card(ref).get("family")
+    from transformers import AutoConfig
+
+    return vlm.family_of(AutoConfig.from_pretrained(vlm.local_checkpoint(ref), trust_remote_code=False))
+
+
+def _stages(ref: str) -> list:
+    from georeasoner.vlm import model as vlm
+
+    return list(packages.read_card(ref).get("stages") or []) if vlm.is_package(ref) else []

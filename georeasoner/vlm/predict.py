@@ -1,0 +1,133 @@
+"""Batched inference: images in, answers out (raw text, parsed fields, confidence from token probabilities).
+
+``confidence`` is the model's own probability of the country it named: the product of the probabilities of
+the tokens spelling the country value (one token for a name in the tiny tokenizer), taken from the generation
+scores; the geometric mean of all generated tokens' probabilities when the answer names no country field.
+Used alike by the batch job, Ray Serve and evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from georeasoner.vlm import prompts
+from georeasoner.vlm.answers import parse_answer
+
+_COUNTRY_VALUE = re.compile(r"""["']?country["']?\s*[:=]\s*["']?([^"',}\n]+)""", re.I)
+
+
+def chat_texts(questions: list[str]) -> list[str]:
+    return [prompts.chat_prompt(q) for q in questions]
+
+
+def model_inputs(processor, images: list, questions: list[str], padding_side: str = "left"):
+    """Processor outputs for a batch (left padding for generation)."""
+    tokenizer = processor.tokenizer
+    old = tokenizer.padding_side
+    tokenizer.padding_side = padding_side
+    try:
+        return processor(text=chat_texts(questions), images=images, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = old
+
+
+def _span_probability(tokenizer, token_ids: list[int], probs: list[float], text: str) -> float | None:
+    """Product of the probabilities of the tokens that overlap the country value in ``text``."""
+    match = _COUNTRY_VALUE.search(text)
+    if not match:
+        return None
+    start, end = match.span(1)
+    pos, product, hit = 0, 1.0, False
+    for tid, p in zip(token_ids, probs):
+        piece = tokenizer.decode([tid], skip_special_tokens=True)
+        lo, hi = pos, pos + len(piece)
+        pos = hi
+        if hi > start and lo < end and piece.strip():
+            product *= p
+            hit = True
+        if lo >= end:
+            break
+    return product if hit else None
+
+
+class Geolocator:
+    """Answers images with a loaded VLM (:func:`georeasoner.vlm.model.load_vlm`)."""
+
+    def __init__(self, loaded, max_new_tokens: int = 96, question: str = prompts.INFERENCE_PROMPT):
+        self.loaded = loaded
+        self.max_new_tokens = max_new_tokens
+        self.question = question
+
+    @classmethod
+    def from_ref(cls, ref: str, *, device: str | None = None, dtype: str | None = None, max_new_tokens: int = 96,
+                 seed: int = 0) -> "Geolocator":
+        """Load a model reference; the question is the package's ``inference_prompt`` (the prompt of the stage
+        it was last trained on), else the JSON inference prompt."""
+        from georeasoner.vlm.model import load_vlm
+
+        loaded = load_vlm(ref, device=device, dtype=dtype, seed=seed)
+        return cls(loaded, max_new_tokens, loaded.card.get("inference_prompt") or prompts.INFERENCE_PROMPT)
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+    def answer(self, images: list, questions: list[str] | None = None) -> list[dict[str, Any]]:
+        """One answer dict per image: CONVENTIONS answer fields + ``raw_text``."""
+        import torch
+
+        if not images:
+            return []
+        model, processor = self.loaded.model, self.loaded.processor
+        tokenizer = processor.tokenizer
+        questions = questions or [self.question] * len(images)
+        batch = model_inputs(processor, images, questions)
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True)
+        new = out.sequences[:, batch["input_ids"].shape[1]:]
+        steps = torch.stack([s.float().log_softmax(-1) for s in out.scores], 1) if out.scores else None
+        stop = {tokenizer.convert_tokens_to_ids(prompts.ANSWER_END), tokenizer.pad_token_id}
+        answers = []
+        for row in range(new.shape[0]):
+            ids, probs = [], []
+            for t, tid in enumerate(new[row].tolist()):
+                if tid in stop:
+                    break
+                ids.append(tid)
+                probs.append(math.exp(float(steps[row, t, tid])) if steps is not None else 0.0)
+            raw = tokenizer.decode(ids, skip_special_tokens=True)
+            answer = parse_answer(raw)
+            conf = _span_probability(tokenizer, ids, probs, raw) if answer["country"] else None
+            if conf is None:
+                conf = math.exp(sum(math.log(max(p, 1e-12)) for p in probs) / len(probs)) if probs else 0.0
+                conf = conf if answer["country"] else 0.0
+            answer["confidence"] = float(min(1.0, max(0.0, conf)))
+            answer["raw_text"] = raw
+            answers.append(answer)
+        return answers
+
+    def country_scores(self, images: list, candidates: list[str], question: str = prompts.LOCATION_PROMPT):
+        """[N, C] log-probabilities of each candidate country name as the first token of the country value
+        (teacher-forced ``{"country": "``): a cheap accuracy probe equal to greedy decoding's choice."""
+        import torch
+
+        model, processor = self.loaded.model, self.loaded.processor
+        tokenizer = processor.tokenizer
+        prefix = '{"country": "'
+        texts = [prompts.chat_prompt(question) + prefix] * len(images)
+        old = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = old
+        first = [tokenizer(name, add_special_tokens=False).input_ids[0] for name in candidates]
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, -1, :].float()
+        return logits.log_softmax(-1)[:, first].cpu()
