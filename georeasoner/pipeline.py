@@ -31,9 +31,15 @@ STAGES: dict[str, tuple[str, str]] = {
     "train_locatability": ("georeasoner.locatability.train", "train_locatability/{variant}"),
     "score_locatability": ("georeasoner.locatability.score", "score_locatability/{variant}"),
     "curate": ("georeasoner.locatability.curate", "curate/{variant}"),
+    "build_sft": ("georeasoner.vlm.sft", "build_sft/{variant}"),
+    "finetune_base": ("georeasoner.vlm.finetune", "finetune/base_{variant}"),
+    "finetune_reasoning": ("georeasoner.vlm.finetune", "finetune/reasoning_{variant}"),
+    "finetune_location": ("georeasoner.vlm.finetune", "finetune/location_{variant}"),
     "baseline_zeroshot": ("georeasoner.evaluation.baseline", "baseline_zeroshot/{variant}"),
     "evaluate": ("georeasoner.evaluation.evaluate", "evaluate/{variant}"),
 }
+# stages that exist only in the local chain (the cluster starts from a pretrained checkpoint)
+LOCAL_ONLY = {"finetune_base"}
 
 
 class PipelineConfig(JobConfig):
@@ -70,7 +76,7 @@ def plan(cfg: PipelineConfig) -> list[tuple[str, JobConfig, Callable[[JobConfig]
     if extra:
         raise ConfigError(f"config error: overrides: unknown stage '{sorted(extra)[0]}'")
     out = []
-    for stage in [s for s in STAGES if s in names]:
+    for stage in [s for s in STAGES if s in names and not (cfg.variant != "local" and s in LOCAL_ONLY)]:
         model, run = _stage_entry(stage)
         path = Path(cfg.config_dir) / (STAGES[stage][1].format(variant=cfg.variant) + ".yaml")
         try:

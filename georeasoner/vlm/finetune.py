@@ -256,6 +256,11 @@ def train_loop(c: dict) -> None:
             for i in micro_batches(step_indices(len(rows), s, global_batch, c["seed"]), c["micro"], c["accumulation"],
                                    rank, world)]
 
+    if step >= total:  # finished before the package was written: report the last state again
+        _report(engine, model, {"step": step, "total_steps": total, "loss": history[-1]["loss"] if history else None,
+                                "samples_per_s": None}, {"step": step, "history": history}, bool(c["lora"]), rank, tb_dir)
+        return
+
     def make(item):
         return collate([rows[j] for j in item[1]], cache, tokenizer)
 
@@ -267,7 +272,7 @@ def train_loop(c: dict) -> None:
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             seen += batch["input_ids"].shape[0]
         step = s + 1
         if step % c["log_every"] == 0 or step == total:
@@ -362,30 +367,10 @@ def _save_init_base(cfg: FinetuneConfig, name: str) -> str | None:
 
 
 def measure(ref: str, cfg: FinetuneConfig, question: str) -> dict[str, Any]:
-    """Country accuracy (and chance) of a model on the eval split: the greedy country token among the
-    eval countries, as generation would choose it."""
-    import numpy as np
+    """Country accuracy of a model on ``eval_input``'s ``eval_split`` (see :mod:`georeasoner.vlm.measure`)."""
+    from georeasoner.vlm.measure import accuracy
 
-    from georeasoner.clip.pretrain import resolve_manifest
-    from georeasoner.core.images import decode_image
-    from georeasoner.geo import country_name
-    from georeasoner.vlm.model import load_vlm
-    from georeasoner.vlm.predict import Geolocator
-
-    rows = storage.read_parquet(resolve_manifest(cfg.eval_input), columns=["image_uri", "country", "split"]).to_pylist()
-    rows = [r for r in rows if r["split"] == cfg.eval_split and r["country"]][: cfg.eval_limit]
-    countries = sorted({r["country"] for r in rows})
-    if not rows:
-        return {}
-    geo = Geolocator(load_vlm(ref, seed=cfg.seed))
-    names = [country_name(c) or c for c in countries]
-    preds = []
-    for i in range(0, len(rows), 32):
-        images = [decode_image(storage.read_bytes(r["image_uri"])) for r in rows[i:i + 32]]
-        preds.extend(geo.country_scores(images, names, question).argmax(1).tolist())
-    truth = [countries.index(r["country"]) for r in rows]
-    return {"country_accuracy": round(float(np.mean(np.asarray(preds) == np.asarray(truth))), 4),
-            "chance": round(1 / len(countries), 4), "images": len(rows)}
+    return accuracy(ref, cfg.eval_input, question, split=cfg.eval_split, limit=cfg.eval_limit, seed=cfg.seed)
 
 
 def run(cfg: FinetuneConfig) -> dict:
@@ -447,7 +432,7 @@ def run(cfg: FinetuneConfig) -> dict:
     after = measure(cfg.output, cfg, question) if cfg.eval_input else {}
     if before or after:
         print(f"{JOB}: country accuracy on {cfg.eval_split}: before {before.get('country_accuracy')} → after "
-              f"{after.get('country_accuracy')} (chance {after.get('chance')})", flush=True)
+              f"{after.get('country_accuracy')} (chance {after.get('country_chance')})", flush=True)
     finish_train_storage(cfg, name)
     job.model_version = card["version"]
     return job.finish(

@@ -242,14 +242,14 @@ def _torch_dtype(dtype: str | None):
             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
 
 
-def _from_pretrained(path: str, dtype: str | None):
+def _from_pretrained(path: str, dtype: str | None, with_processor: bool = True):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     kwargs: dict[str, Any] = {"trust_remote_code": False}
     if dtype:
         kwargs["dtype"] = _torch_dtype(dtype)
     model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True, **kwargs)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=False) if with_processor else None
     return model, processor
 
 
@@ -280,7 +280,7 @@ def _load_package(uri: str, dtype: str | None, merge: bool) -> LoadedVLM:
     card = json.loads((folder / packages.CARD).read_text())
     base = card.get("base") or {}
     if base.get("path"):
-        model, _ = _from_pretrained(str(folder / base["path"]), dtype)
+        model, _ = _from_pretrained(str(folder / base["path"]), dtype, with_processor=False)
     elif base.get("ref"):
         model = load_vlm(base["ref"], dtype=dtype).model
     else:
