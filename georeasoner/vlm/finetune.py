@@ -48,6 +48,8 @@ class LoraSettings(StrictModel):
     target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                       description="module name suffixes that get adapters (language model)")
     freeze_vision: bool = Field(True, description="keep the vision tower frozen")
+    modules_to_save: list[str] = Field([], description="modules trained in full and saved with the adapter "
+                                                      "(e.g. lm_head: a tiny base's output rows for country names)")
 
 
 class FinetuneConfig(TrainResources):
@@ -155,6 +157,9 @@ def check_lora_targets(ref: str, lora: LoraSettings) -> None:
     if unmatched:
         raise InputError(f"input error: lora.target_modules {unmatched} match no module of model '{ref}' "
                          f"(e.g. {sorted({n.rsplit('.', 1)[-1] for n in names if 'language_model' in n})[:12]})")
+    missing = [m for m in lora.modules_to_save if not any(n == m or n.endswith("." + m) for n in names)]
+    if missing:
+        raise InputError(f"input error: lora.modules_to_save {missing} match no module of model '{ref}'")
 
 
 def _prepare_model(model, lora: dict[str, Any] | None):
@@ -166,7 +171,7 @@ def _prepare_model(model, lora: dict[str, Any] | None):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=lora["regex"], bias="none")
+                        target_modules=lora["regex"], bias="none", modules_to_save=lora.get("modules_to_save") or None)
     return get_peft_model(model, config)
 
 
@@ -196,7 +201,7 @@ def save_trained(engine, model, folder: Path, lora: bool, rank: int) -> None:
     if lora:
         from peft import get_peft_model_state_dict
 
-        params = [p for n, p in model.named_parameters() if "lora_" in n]
+        params = [p for p in model.parameters() if p.requires_grad]
         with _gathered(engine, params):
             if rank == 0:
                 state = {k: v.detach().to(torch.float32).cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
@@ -399,7 +404,8 @@ def run(cfg: FinetuneConfig) -> dict:
         "limit": cfg.limit, "seed": cfg.seed, "use_gpu": cfg.use_gpu, "bf16": cfg.bf16 and cfg.use_gpu,
         "deepspeed": str(Path(cfg.deepspeed).resolve()) if cfg.deepspeed not in ("zero2", "zero3") else cfg.deepspeed,
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-                 "regex": _target_regex(cfg.lora)} if cfg.lora.enabled else None,
+                 "regex": _target_regex(cfg.lora), "modules_to_save": cfg.lora.modules_to_save}
+        if cfg.lora.enabled else None,
         "micro": cfg.micro_batch_size, "accumulation": cfg.grad_accumulation, "epochs": cfg.epochs,
         "max_steps": cfg.max_steps, "lr": cfg.lr, "warmup_ratio": cfg.warmup_ratio, "weight_decay": cfg.weight_decay,
         "grad_clip": cfg.grad_clip, "checkpoint_every": cfg.checkpoint_every_steps, "cache_pixels": cfg.cache_pixels,
