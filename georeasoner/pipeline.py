@@ -36,6 +36,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "finetune_reasoning": ("georeasoner.vlm.finetune", "finetune/reasoning_{variant}"),
     "finetune_location": ("georeasoner.vlm.finetune", "finetune/location_{variant}"),
     "baseline_zeroshot": ("georeasoner.evaluation.baseline", "baseline_zeroshot/{variant}"),
+    "geolocate": ("georeasoner.geolocate.batch", "geolocate/{variant}"),
     "evaluate": ("georeasoner.evaluation.evaluate", "evaluate/{variant}"),
 }
 # stages that exist only in the local chain (the cluster starts from a pretrained checkpoint)

@@ -35,6 +35,20 @@ def main(root: str) -> None:
     if curated:
         c = curated["counts"]
         print(f"curated: kept {c['items']} of {c['before']} images ({c['kept_fraction']:.0%}) at locatability >= {curated['cut']}")
+    sft = _success(storage.join(root, "sft"))
+    if sft:
+        c = sft["counts"]
+        print(f"\nSFT sets: base {c['base']}, reasoning {c['reasoning']}, location {c['location']} rows "
+              f"({c['errors']} input records as errors)")
+    for folder, label in (("vlm_base", "base (all parameters, no country)"), ("vlm_reasoning", "stage 1 reasoning (LoRA)"),
+                          ("vlm", "stage 2 location (LoRA)")):
+        run = _success(storage.join(root, folder))
+        if run:
+            m = run.get("metrics", {})
+            before, after = m.get("before") or {}, m.get("after") or {}
+            print(f"VLM {label}: {run['counts']['steps']} steps, country accuracy on test "
+                  f"{before.get('country_accuracy')} → {after.get('country_accuracy')} "
+                  f"(chance {after.get('country_chance')}); {run['model_version']}")
 
     evaluation = _success(storage.join(root, "eval"))
     if evaluation:
