@@ -240,8 +240,8 @@ def _dry_run(cfg: ScoreConfig, uris: list[str], total_bytes: int | None) -> dict
     info = {"keys": len(uris), "bytes": total_bytes, "sample": len(sample), "sample_images_per_s": round(rate, 2),
             "actors": parallel, "estimated_seconds": round(estimate, 1) if estimate else None}
     print(f"{JOB} dry run: {len(uris)} keys" + (f", {total_bytes / 1e6:.1f} MB" if total_bytes is not None else "")
-          + f"; measured {rate:.1f} images/s in one process on {len(sample)} images; with {parallel} actors "
-          f"≈ {estimate:.0f} s" if estimate else "", flush=True)
+          + (f"; measured {rate:.1f} images/s in one process on {len(sample)} images; with {parallel} actors "
+             f"≈ {estimate:.0f} s" if estimate else ""), flush=True)
     return info
 
 
