@@ -131,7 +131,9 @@ def test_two_stages_on_two_workers(zeros, sft, tmp_path, ray_session):
     stage1, stage2 = tmp_path / "reasoning", tmp_path / "location"
     s1 = run(config(sft, stage1, "reasoning", "tiny:qwen2-vl", zeros[0]))
     assert s1["counts"]["steps"] == 3 and s1["counts"]["workers"] == 2
-    s2 = run(config(sft, stage2, "location", str(stage1), zeros[1]))
+    # stage 2 also trains lm_head in full (modules_to_save), as the local chain does
+    s2 = run(config(sft, stage2, "location", str(stage1), zeros[1],
+                    lora={"r": 4, "alpha": 8, "dropout": 0.0, "modules_to_save": ["lm_head"]}))
     card1 = json.loads((stage1 / "model_card.json").read_text())
     card2 = json.loads((stage2 / "model_card.json").read_text())
     assert [a["name"] for a in card1["adapters"]] == ["reasoning"]

@@ -199,13 +199,10 @@ def save_trained(engine, model, folder: Path, lora: bool, rank: int) -> None:
     import torch
 
     if lora:
-        from peft import get_peft_model_state_dict
-
         params = [p for p in model.parameters() if p.requires_grad]
         with _gathered(engine, params):
-            if rank == 0:
-                state = {k: v.detach().to(torch.float32).cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-                model.save_pretrained(str(folder / "adapter"), state_dict=state, safe_serialization=True)
+            if rank == 0:  # peft keeps the adapter's (and modules_to_save's) weights only
+                model.save_pretrained(str(folder / "adapter"), safe_serialization=True)
     else:
         with _gathered(engine, model.parameters()):
             if rank == 0:
