@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -15,20 +17,37 @@ from conftest import REPO, free_port
 from georeasoner.core import storage
 
 VENV_BIN = str(Path(sys.executable).parent)
+HEAD_CPUS = 2  # the head's --num-cpus: every submitted job shares these
+# What a CPU-only driver and its workers need, through the runtime env (the head's own environment is whatever
+# started pytest): DeepSpeed on CPU with its compiled-op cache in the venv, no model hub.
+CPU_JOB_ENV = {
+    "DS_ACCELERATOR": "cpu",
+    "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.executable).parents[1] / "torch_extensions")),
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
 STATUS = ("import sys; from ray.job_submission import JobSubmissionClient as C; "
           "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)")
+MESSAGE = ("import sys; from ray.job_submission import JobSubmissionClient as C; "
+           "print(C(sys.argv[1]).get_job_info(sys.argv[2]).message)")
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """`ray start --head --block` on 127.0.0.1 (token auth on, the 2.60 default), stopped by its own PID."""
+    """`ray start --head --block` on 127.0.0.1 with token auth, stopped by its own PID.
+
+    `ray start` turns token auth on only with RAY_AUTH_MODE=token (or an existing ~/.ray/auth_token) and never
+    generates a token itself: the fixture brings its own in RAY_AUTH_TOKEN, which the head, the jobs it starts and
+    every client below share.
+    """
     port, dash = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path_factory.mktemp("head") / "head.log", "wb")
     head = subprocess.Popen(
         [f"{VENV_BIN}/ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={HEAD_CPUS}", "--include-dashboard=true",
          f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -85,6 +104,9 @@ def _submit(address, env, runtime_env, *entrypoint, timeout=240) -> tuple[str, s
         time.sleep(2)
     logs = subprocess.run([f"{VENV_BIN}/ray", "job", "logs", "--address", address, job_id], env=env,
                           capture_output=True, text=True).stdout
+    if status != "SUCCEEDED":  # the job's status message says how the entrypoint ended (exit code, signal)
+        info = subprocess.run([sys.executable, "-c", MESSAGE, address, job_id], env=env, capture_output=True, text=True)
+        logs += f"\n[job {job_id} {status or 'not finished'}: {info.stdout.strip()[-1000:]}]"
     return status, logs
 
 
@@ -107,6 +129,18 @@ def test_failing_job_ends_failed_with_its_error_in_the_logs(ray_head, tmp_path):
     assert "unknown key 'num_imagez'" in logs
 
 
+def test_head_refuses_a_client_without_its_token(ray_head):
+    address, env = ray_head
+    for wrong in ({**env, "RAY_AUTH_TOKEN": "not-the-token"}, {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+                  | {"RAY_AUTH_MODE": "disabled"}):
+        probe = subprocess.run([f"{VENV_BIN}/ray", "job", "list", "--address", address], env=wrong,
+                               capture_output=True, text=True, timeout=120)
+        assert probe.returncode != 0, probe.stdout[-1000:]
+    ok = subprocess.run([f"{VENV_BIN}/ray", "job", "list", "--address", address], env=env, capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-1000:]
+
+
 def test_runtime_env_keeps_the_upload_small():
     spec = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
     for heavy in (".venv/", "outputs/", ".git/"):
@@ -115,3 +149,78 @@ def test_runtime_env_keeps_the_upload_small():
     size = sum(p.stat().st_size for p in REPO.rglob("*") if p.is_file()
                and not any(part in (".venv", "outputs", ".git", "__pycache__", ".pytest_cache") for part in p.parts))
     assert size < 100 * 2**20, f"working dir upload would be {size / 2**20:.0f} MiB"
+
+
+def test_score_locatability_submitted(ray_head, tmp_path, world, student_package):
+    address, env = ray_head
+    out = tmp_path / "scores"
+    status, logs = _submit(address, env, _runtime_env(tmp_path), "python", "jobs/score_locatability.py", "--config",
+                           "configs/score_locatability/local.yaml", f"input={world / 'images'}",
+                           f"model={student_package}", f"output={out}", "limit=40", "batch_size=16", timeout=420)
+    assert status == "SUCCEEDED", logs[-3000:]
+    rows = storage.read_parquet(str(out)).to_pylist()
+    assert len(rows) == 40 and len({r["image_uri"] for r in rows}) == 40
+    assert all(r["error"] is None and 0.0 <= r["locatability"] <= 1.0 for r in rows)
+    assert all(r["image_uri"].startswith(str(world / "images")) for r in rows)
+    assert json.loads((out / "_SUCCESS.json").read_text())["model_version"].startswith("student-untrained-")
+
+
+@pytest.fixture(scope="module")
+def sft_sets(world, tmp_path_factory) -> Path:
+    """The SFT sets of the session world, built in-process (the finetune job reads them)."""
+    from georeasoner.vlm.sft import BuildSftConfig, run
+
+    out = tmp_path_factory.mktemp("submit-sft") / "sft"
+    run(BuildSftConfig(input=str(world), output=str(out)))
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_tiny_finetune_submitted(ray_head, tmp_path, sft_sets):
+    """Ray Train + DeepSpeed (gloo, CPU) under `ray job submit`: the driver joins the head, the workers run there."""
+    address, env = ray_head
+    workers = 2 if HEAD_CPUS >= 2 else 1  # 0.5 CPU each, leaving the rest of the head for reads and writes
+    out = tmp_path / "vlm"
+    status, logs = _submit(address, env, _runtime_env(tmp_path, **CPU_JOB_ENV), "python", "jobs/finetune.py",
+                           "--config", "configs/finetune/reasoning_local.yaml", f"input={sft_sets}",
+                           "model=tiny:qwen2-vl", f"output={out}", "max_steps=2", "limit=32", "micro_batch_size=4",
+                           "eval_input=null", f"num_workers={workers}", "cpus_per_worker=0.5",
+                           "checkpoint_every_steps=1", timeout=780)
+    assert status == "SUCCEEDED", logs[-4000:]
+    card = json.loads((out / "model_card.json").read_text())
+    assert [a["name"] for a in card["adapters"]] == ["reasoning"]
+    assert (out / card["adapters"][0]["path"] / "adapter_model.safetensors").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["steps"] == 2 and summary["counts"]["workers"] == workers
+    assert f"{workers} worker(s)" in logs and "step 2/2" in logs
+
+
+def _pipeline_args(tmp: Path) -> list[str]:
+    overrides = {
+        "make_world": {"output": str(tmp / "world"), "num_images": 60},
+        "clue_weights": {"input": str(tmp / "world"), "output": str(tmp / "weights")},
+        "teacher_labels": {"input": str(tmp / "world"), "weights": str(tmp / "weights"), "output": str(tmp / "teacher")},
+    }
+    return ["python", "jobs/pipeline.py", "--config", "configs/pipeline/local.yaml",
+            "stages=[make_world,clue_weights,teacher_labels]", f"overrides={json.dumps(overrides)}"]
+
+
+@pytest.mark.timeout(900)
+def test_pipeline_submitted_twice_skips_what_is_done(ray_head, tmp_path):
+    address, env = ray_head
+    runtime_env = _runtime_env(tmp_path, **CPU_JOB_ENV)
+    start = time.monotonic()
+    status, logs = _submit(address, env, runtime_env, *_pipeline_args(tmp_path), timeout=600)
+    first = time.monotonic() - start
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "ran 3 stage(s)" in logs
+    assert storage.read_parquet(str(tmp_path / "teacher")).num_rows == 60
+    assert json.loads((tmp_path / "weights" / "_SUCCESS.json").read_text())
+    start = time.monotonic()
+    status, logs = _submit(address, env, runtime_env, *_pipeline_args(tmp_path), timeout=300)
+    again = time.monotonic() - start
+    assert status == "SUCCEEDED", logs[-4000:]
+    for stage in ("make_world", "clue_weights", "teacher_labels"):
+        assert f"{stage}: up to date, skipped" in logs, logs[-3000:]
+    assert "ran 0 stage(s) [], skipped 3" in logs
+    print(f"pipeline via ray job submit: first {first:.0f}s, again {again:.0f}s (all skipped)")
