@@ -1,0 +1,412 @@
+"""Ray Serve service on 127.0.0.1: every endpoint answers a valid image with a schema-valid answer, the OpenAI client
+works, bad requests get 4xx JSON errors (and 1,000 of them leave the service answering), bearer auth, s3 URIs from
+allowed buckets only, autoscaling up under load and down after. One Serve app for the module, shut down at its end.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from conftest import REPO, free_port
+from georeasoner.core.config import ConfigError
+from georeasoner.serve.settings import load_serve_config, parse_settings, resolve_models
+from samples import bad_files, bomb_png, cut_jpeg, good_files
+
+pytestmark = pytest.mark.timeout(600)
+
+TOKEN = "test-token-" + uuid.uuid4().hex[:8]
+TOKEN_ENV = "GEOREASONER_TEST_SERVE_TOKEN"
+MAX_BYTES = 256 * 1024
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+GOOD = good_files()
+JPEG = GOOD["rgb.jpg"]
+APP = "georeasoner-test"
+ISO2 = re.compile(r"^[A-Z]{2}$")
+
+
+def check_answer(answer: dict) -> None:
+    """The CONVENTIONS answer schema, plus the service's fields."""
+    for key in ("country", "city", "lat", "lon", "reasons", "confidence", "locatability", "model_version",
+                "scorer_version"):
+        assert key in answer, key
+    assert answer["country"] is None or ISO2.match(answer["country"]), answer["country"]
+    assert answer["city"] is None or isinstance(answer["city"], str)
+    assert (answer["lat"] is None) == (answer["lon"] is None)
+    if answer["lat"] is not None:
+        assert -90 <= answer["lat"] <= 90 and -180 <= answer["lon"] <= 180
+    assert isinstance(answer["reasons"], str)
+    assert 0.0 <= answer["confidence"] <= 1.0
+    assert 0.0 <= answer["locatability"] <= 1.0
+    assert answer["model_version"] and answer["scorer_version"]
+
+
+def _png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (40, 160, 60)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/jpeg") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def chat_body(url: str, model: str = "georeasoner", **extra) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Where was this photo taken?"},
+        {"type": "image_url", "image_url": {"url": url}}]}], **extra}
+
+
+# -- the service -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3_buckets(s3_server):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    allowed, other = f"serve-ok-{uuid.uuid4().hex[:8]}", f"serve-no-{uuid.uuid4().hex[:8]}"
+    for name in (allowed, other):
+        client.create_bucket(Bucket=name)
+        client.put_object(Bucket=name, Key="street/photo 1.jpg", Body=JPEG)
+    client.put_object(Bucket=allowed, Key="street/truncated.jpg", Body=JPEG[: len(JPEG) // 2])
+    client.put_object(Bucket=allowed, Key="street/big.bin", Body=b"\xff" * (MAX_BYTES + 10))
+    return allowed, other
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, vlm_package, student_package, s3_buckets):
+    """The app on a free loopback port (autoscaling 1..2 geolocator replicas, short delays); its base URL."""
+    from ray import serve
+
+    from georeasoner.serve.app import make_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = {
+        "model": vlm_package, "scorer": student_package, "model_name": "georeasoner", "device": "cpu",
+        "max_new_tokens": 16, "torch_threads": 1, "max_bytes": MAX_BYTES, "allowed_buckets": [s3_buckets[0]],
+        "auth_token_env": TOKEN_ENV, "auth_required": True,
+        "geolocator": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
+    }
+    options = {
+        # the token reaches the ingress replica through its environment, as a Secret would on Kubernetes
+        "Ingress": {"ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": {TOKEN_ENV: TOKEN}}}},
+        "Geolocator": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.5},
+                       "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                                              "upscale_delay_s": 1, "downscale_delay_s": 3,
+                                              "look_back_period_s": 2, "metrics_interval_s": 0.5}},
+        "Scorer": {"ray_actor_options": {"num_cpus": 0.2}},
+    }
+    start = time.monotonic()
+    serve.run(make_app(settings, options), name=APP, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    print(f"serve app up in {time.monotonic() - start:.1f}s at {url}")
+    try:
+        yield url
+    finally:
+        serve.shutdown()
+
+
+def _replicas(state: str | None = None) -> int:
+    from ray import serve
+
+    states = serve.status().applications[APP].deployments["Geolocator"].replica_states
+    return sum(n for s, n in states.items() if state is None or str(getattr(s, "value", s)) == state)
+
+
+# -- valid requests ----------------------------------------------------------------------------------
+
+def test_geolocate_raw_multipart_json(service):
+    answers = []
+    r = requests.post(f"{service}/geolocate", data=JPEG, headers={**AUTH, "Content-Type": "image/jpeg"}, timeout=120)
+    assert r.status_code == 200, r.text
+    answers.append(r.json())
+    r = requests.post(f"{service}/geolocate", files={"image": ("street.png", GOOD["rgba.png"], "image/png")},
+                      headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    answers.append(r.json())
+    r = requests.post(f"{service}/geolocate", json={"image": base64.b64encode(GOOD["photo.webp"]).decode()},
+                      headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    answers.append(r.json())
+    r = requests.post(f"{service}/geolocate", json={"image": data_url(GOOD["cmyk.jpg"])}, headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    answers.append(r.json())
+    for answer in answers:
+        check_answer(answer)
+    assert "raw_text" in answers[0]
+
+
+def test_every_good_format(service):
+    """Each format/mode the decoder accepts is answered (16-bit PNG, EXIF-rotated, GIF, TIFF, ...), and odd sizes."""
+    images = {**GOOD, "1x1.png": _png(1, 1), "1x150.png": _png(1, 150), "3000x40.png": _png(3000, 40)}
+    with ThreadPoolExecutor(len(images)) as pool:
+        rs = list(pool.map(lambda d: requests.post(f"{service}/geolocate", data=d, timeout=120,
+                                                   headers={**AUTH, "Content-Type": "application/octet-stream"}),
+                           images.values()))
+    for name, r in zip(images, rs):
+        assert r.status_code == 200, (name, r.text)
+        check_answer(r.json())
+
+
+def test_healthz_and_models(service, vlm_package):
+    r = requests.get(f"{service}/healthz", timeout=30)  # no token needed
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    r = requests.get(f"{service}/v1/models", headers=AUTH, timeout=30)
+    assert r.status_code == 200
+    data = r.json()["data"]
+    card = json.loads((Path(vlm_package) / "model_card.json").read_text())
+    assert data[0]["id"] == "georeasoner" and data[0]["model_version"] == card["version"]
+    assert data[0]["adapters"] == [] and data[0]["scorer_version"].startswith("student-untrained")
+
+
+def test_s3_uri_allowed_and_refused(service, s3_buckets):
+    allowed, other = s3_buckets
+    r = requests.post(f"{service}/geolocate", json={"image_uri": f"s3://{allowed}/street/photo 1.jpg"}, headers=AUTH,
+                      timeout=120)
+    assert r.status_code == 200, r.text
+    check_answer(r.json())
+    r = requests.post(f"{service}/geolocate", json={"image_uri": f"s3://{other}/street/photo 1.jpg"}, headers=AUTH,
+                      timeout=30)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "bucket_not_allowed", r.text
+    r = requests.post(f"{service}/v1/chat/completions", json=chat_body(f"s3://{allowed}/street/photo 1.jpg"),
+                      headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    expected = {f"s3://{allowed}/street/missing.jpg": (404, "object_not_found"),
+                f"s3://{allowed}/street/truncated.jpg": (422, "truncated"),
+                f"s3://{allowed}/street/big.bin": (413, "payload_too_large"),
+                f"s3://{allowed}": (400, "invalid_uri"),
+                "/etc/passwd": (400, "unsupported_url"),
+                "https://example.com/a.jpg": (400, "unsupported_url")}
+    for uri, (status, code) in expected.items():
+        r = requests.post(f"{service}/geolocate", json={"image_uri": uri}, headers=AUTH, timeout=30)
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), (uri, r.text)
+
+
+def test_openai_client(service):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{service}/v1", api_key=TOKEN, max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list()] == ["georeasoner"]
+    messages = chat_body(data_url(JPEG))["messages"]
+    resp = client.chat.completions.create(model="georeasoner", messages=messages)
+    assert resp.choices[0].finish_reason == "stop"
+    answer = json.loads(resp.choices[0].message.content)
+    check_answer({**answer, "model_version": "-", "scorer_version": "-"})
+    check_answer(resp.model_extra["georeasoner"])
+    # stream: true streams server-sent events
+    pieces = [c.choices[0].delta.content or "" for c in
+              client.chat.completions.create(model="georeasoner", messages=messages, stream=True) if c.choices]
+    assert len(pieces) > 2 and json.loads("".join(pieces)) == answer
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=messages)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{service}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+# -- bad requests ------------------------------------------------------------------------------------
+
+def bad_requests(service: str, allowed_bucket: str) -> dict[str, tuple[dict, int, str]]:
+    """Name -> (requests.request kwargs, expected status, expected error code)."""
+    bad = bad_files()
+    geo, chat = f"{service}/geolocate", f"{service}/v1/chat/completions"
+    img = {**AUTH, "Content-Type": "image/jpeg"}
+    js = {**AUTH, "Content-Type": "application/json"}
+    return {
+        "non-image bytes": (dict(method="POST", url=geo, data=bad["not_image.jpg"][0], headers=img), 422, "not_an_image"),
+        "truncated jpeg": (dict(method="POST", url=geo, data=bad["truncated.jpg"][0], headers=img), 422, "truncated"),
+        "jpeg cut in its header": (dict(method="POST", url=geo, data=cut_jpeg(300), headers=img), 422, "truncated"),
+        "decompression bomb": (dict(method="POST", url=geo, data=bomb_png(), headers=img), 422, "too_many_pixels"),
+        "image 1x300 (aspect ratio)": (dict(method="POST", url=geo, data=_png(1, 300), headers=img), 422,
+                                       "unsupported_image"),
+        "empty body": (dict(method="POST", url=geo, data=b"", headers=img), 400, "empty"),
+        "payload over the limit": (dict(method="POST", url=geo, data=b"\xff" * (MAX_BYTES + 1), headers=img), 413,
+                                   "payload_too_large"),
+        "chunked payload over the limit": (dict(method="POST", url=geo, headers=img,
+                                                data=(b"\xff" * 65536 for _ in range(MAX_BYTES // 65536 + 2))),
+                                           413, "payload_too_large"),
+        "malformed json": (dict(method="POST", url=geo, data=b'{"image": "abc', headers=js), 400, "invalid_json"),
+        "json not an object": (dict(method="POST", url=geo, data=b'["image"]', headers=js), 400, "invalid_request"),
+        "missing field": (dict(method="POST", url=geo, json={"picture": "x"}, headers=AUTH), 400, "missing_field"),
+        "bad base64": (dict(method="POST", url=geo, json={"image": "not*base64!"}, headers=AUTH), 400,
+                       "invalid_base64"),
+        "base64 of non-image": (dict(method="POST", url=geo, json={"image": base64.b64encode(b"hello").decode()},
+                                     headers=AUTH), 422, "not_an_image"),
+        "data url of text": (dict(method="POST", url=geo, json={"image": "data:text/plain;base64,aGk="}, headers=AUTH),
+                             415, "unsupported_media_type"),
+        "unsupported content type": (dict(method="POST", url=geo, data=b"hello", headers={**AUTH, "Content-Type":
+                                                                                          "text/plain"}),
+                                     415, "unsupported_media_type"),
+        "multipart without image": (dict(method="POST", url=geo, files={"note": (None, "hi")}, headers=AUTH), 400,
+                                    "missing_field"),
+        "disallowed bucket": (dict(method="POST", url=geo, json={"image_uri": "s3://someone-else/x.jpg"}, headers=AUTH),
+                              403, "bucket_not_allowed"),
+        "no token": (dict(method="POST", url=geo, data=JPEG, headers={"Content-Type": "image/jpeg"}), 401,
+                     "unauthorized"),
+        "wrong token": (dict(method="GET", url=f"{service}/v1/models", headers={"Authorization": "Bearer nope"}), 401,
+                        "unauthorized"),
+        "unknown model": (dict(method="POST", url=chat, json=chat_body(data_url(JPEG), model="gpt-9"), headers=AUTH),
+                          404, "model_not_found"),
+        "chat without image": (dict(method="POST", url=chat, headers=AUTH, json={
+            "model": "georeasoner", "messages": [{"role": "user", "content": "where is this?"}]}), 400, "missing_field"),
+        "chat missing messages": (dict(method="POST", url=chat, json={"model": "georeasoner"}, headers=AUTH), 400,
+                                  "missing_field"),
+        "chat remote image url": (dict(method="POST", url=chat, json=chat_body("https://example.com/a.jpg"),
+                                       headers=AUTH), 400, "unsupported_url"),
+        "chat truncated image": (dict(method="POST", url=chat, json=chat_body(data_url(bad["truncated.jpg"][0])),
+                                      headers=AUTH), 422, "truncated"),
+        "chat stream not a bool": (dict(method="POST", url=chat, json=chat_body(data_url(JPEG), stream="yes"),
+                                        headers=AUTH), 400, "invalid_field"),
+        "chat bucket not allowed": (dict(method="POST", url=chat, json=chat_body("s3://someone-else/x.jpg"),
+                                         headers=AUTH), 403, "bucket_not_allowed"),
+        "unknown path": (dict(method="GET", url=f"{service}/v2/nothing", headers=AUTH), 404, "not_found"),
+        "wrong method": (dict(method="GET", url=geo, headers=AUTH), 405, "method_not_allowed"),
+    }
+
+
+def test_bad_requests_get_4xx_json(service, s3_buckets):
+    cases = bad_requests(service, s3_buckets[0])
+    assert len(cases) >= 8
+    for name, (kwargs, status, code) in cases.items():
+        r = requests.request(timeout=60, **kwargs)
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert err["code"] == code and len(err["message"]) > 5, (name, err)
+        if status == 401:
+            assert r.headers.get("www-authenticate", "").startswith("Bearer")
+
+
+def test_thousand_bad_requests_then_good(service, s3_buckets):
+    cases = [c for name, c in bad_requests(service, s3_buckets[0]).items() if not name.startswith("chunked")]
+    local = __import__("threading").local()
+
+    def send(i: int) -> tuple[int, int]:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        kwargs, status, _ = cases[i % len(cases)]
+        r = local.session.request(timeout=60, **kwargs)
+        r.json()["error"]["message"]  # noqa: B018 - a JSON error every time
+        return r.status_code, status
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(send, range(1000)))
+    took = time.monotonic() - start
+    wrong = [(got, want) for got, want in results if got != want]
+    assert not wrong, wrong[:10]
+    assert all(400 <= got < 500 for got, _ in results)
+    print(f"1000 bad requests in {took:.1f}s ({1000 / took:.0f} req/s)")
+    r = requests.post(f"{service}/geolocate", data=JPEG, headers={**AUTH, "Content-Type": "image/jpeg"}, timeout=120)
+    assert r.status_code == 200, r.text
+    check_answer(r.json())
+
+
+# -- autoscaling (last: it changes the replica count) ------------------------------------------------
+
+def test_autoscaling_rises_under_load_and_falls_after(service):
+    import threading
+
+    settle = time.monotonic()  # earlier tests' traffic may have scaled it up: wait for the floor
+    while _replicas() > 1 and time.monotonic() - settle < 60:
+        time.sleep(0.5)
+    assert _replicas() == 1
+    stop = threading.Event()
+    answered = []
+
+    def client():
+        with requests.Session() as s:
+            while not stop.is_set():
+                r = s.post(f"{service}/geolocate", data=JPEG, headers={**AUTH, "Content-Type": "image/jpeg"},
+                           timeout=120)
+                answered.append(r.status_code)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(16)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    peak_running, peak_total = 1, 1
+    try:  # bounded load: until a second replica runs, at most 75 s
+        while time.monotonic() - start < 75 and peak_running < 2:
+            time.sleep(0.5)
+            peak_running = max(peak_running, _replicas("RUNNING"))
+            peak_total = max(peak_total, _replicas())
+        time.sleep(2)  # the new replica takes requests
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    rose_after = time.monotonic() - start
+    assert peak_running == 2, f"replicas never rose: peak running {peak_running}, total {peak_total}"
+    assert answered and all(code == 200 for code in answered), set(answered)
+    fall_start = time.monotonic()
+    while time.monotonic() - fall_start < 60 and _replicas() > 1:
+        time.sleep(0.5)
+    print(f"autoscaling: 2 replicas running {rose_after:.0f}s into the load ({len(answered)} answers); back to "
+          f"{_replicas()} replica {time.monotonic() - fall_start:.0f}s after it")
+    assert _replicas() == 1
+    r = requests.post(f"{service}/geolocate", data=JPEG, headers={**AUTH, "Content-Type": "image/jpeg"}, timeout=120)
+    assert r.status_code == 200
+
+
+# -- configs and build-time validation (no Serve needed) ----------------------------------------------
+
+@pytest.mark.parametrize("variant", ["local", "cluster"])
+def test_serve_configs_are_valid(variant):
+    path = REPO / "configs" / "serve" / f"{variant}.yaml"
+    data = load_serve_config(path)  # Ray Serve's schema + the app args
+    app = data["applications"][0]
+    assert app["import_path"] == "georeasoner.serve.app:build_app"
+    deps = {d["name"]: d for d in app["deployments"]}
+    assert set(deps) == {"Ingress", "Geolocator", "Scorer"}
+    args = parse_settings(app["args"])
+    assert deps["Geolocator"]["max_ongoing_requests"] >= args.geolocator.max_batch_size
+    assert deps["Scorer"]["max_ongoing_requests"] >= args.scorer_batch.max_batch_size
+    auto = deps["Geolocator"]["autoscaling_config"]
+    assert auto["min_replicas"] >= 1 and auto["max_replicas"] > auto["min_replicas"]
+    if variant == "local":
+        assert data["http_options"]["host"] == "127.0.0.1"
+        assert auto["upscale_delay_s"] <= 5 and auto["downscale_delay_s"] <= 10
+        assert all(d["ray_actor_options"]["num_cpus"] < 1 for d in deps.values())
+        assert args.model == "outputs/local/vlm" and args.scorer == "outputs/local/student"
+    else:
+        assert deps["Geolocator"]["ray_actor_options"]["num_gpus"] == 1 and auto["max_replicas"] == 8
+        assert args.model.startswith("s3://") and args.auth_required
+
+
+def test_build_time_validation(tmp_path, student_package):
+    with pytest.raises(ConfigError, match="unknown key 'max_byte'"):
+        parse_settings({"model": "tiny:qwen2-vl", "scorer": None, "max_byte": 5})
+    with pytest.raises(ConfigError, match="max_bytes"):
+        parse_settings({"model": "tiny:qwen2-vl", "scorer": None, "max_bytes": "lots"})
+    with pytest.raises(ConfigError, match="missing required key 'scorer'"):
+        parse_settings({"model": "tiny:qwen2-vl"})
+    missing = str(tmp_path / "no-vlm")
+    with pytest.raises(ConfigError, match="jobs/finetune.py"):
+        resolve_models(parse_settings({"model": missing, "scorer": student_package}))
+    s = resolve_models(parse_settings({"model": missing, "fallback_model": "tiny:qwen2-vl", "scorer": student_package}))
+    assert s.model == "tiny:qwen2-vl" and s.fallback_used
+    with pytest.raises(ConfigError, match="jobs/train_locatability.py"):
+        resolve_models(parse_settings({"model": "tiny:qwen2-vl", "scorer": str(tmp_path / "no-student")}))
+    from georeasoner.serve.app import make_app
+
+    with pytest.raises(ConfigError, match="max_ongoing_requests"):
+        make_app({"model": "tiny:qwen2-vl", "scorer": None}, {"Geolocator": {"max_ongoing_requests": 4}})
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"applications": [{"name": "x", "import_path": "georeasoner.serve.app:build_app",
+                                                     "args": {"model": "tiny:qwen2-vl", "scorer": None,
+                                                              "allowed_buckets": ["*"]}}]}))
+    with pytest.raises(ConfigError, match="allowed_buckets"):
+        load_serve_config(cfg)
