@@ -205,7 +205,7 @@ def test_bad_configs_fail_before_training(override, message, sft, tmp_path):
     if override == "deepspeed=BAD":
         override = f"deepspeed={_bad_zero(tmp_path)}"
     proc = run_job("finetune", "--config", "configs/finetune/reasoning_local.yaml", f"input={sft}",
-                   "model=tiny:qwen2-vl", f"output={tmp_path / 'out'}", override, timeout=120)
+                   "model=tiny:qwen2-vl", f"output={tmp_path / 'out'}", "eval_input=null", override, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], proc.stderr
