@@ -33,12 +33,12 @@ from pydantic import Field
 
 from georeasoner.core import storage
 from georeasoner.core.config import ConfigError, InputError, JobConfig
-from georeasoner.core.images import ImageError, decode_image, error_kind
+from georeasoner.core.images import error_kind
 from georeasoner.core.manifest import manifest_uri
 from georeasoner.core.outputs import JobRun
 from georeasoner.core.progress import Progress
 from georeasoner.evaluation.baseline import ANSWER_SCHEMA
-from georeasoner.locatability.score import PART_PREFIX, _next_part_index, _steady_rate, done_keys, read_with_retries
+from georeasoner.locatability.score import PART_PREFIX, _next_part_index, _steady_rate, decode_key, done_keys
 
 JOB = "geolocate"
 SCHEMA_VERSION = 1
@@ -199,15 +199,7 @@ class DecodeStage:
         self.threads = threads
 
     def _one(self, uri: str) -> tuple[np.ndarray | None, str]:
-        try:
-            data = read_with_retries(uri, self.retries)
-            return np.asarray(downsize(decode_image(data), self.max_side), dtype=np.uint8), ""
-        except ImageError as exc:
-            return None, exc.row_error
-        except FileNotFoundError:
-            return None, "unreadable: the key vanished after listing"
-        except Exception as exc:  # noqa: BLE001 - one bad key never stops the job
-            return None, f"unreadable: {type(exc).__name__}: {str(exc)[:200]}"
+        return decode_key(uri, self.retries, lambda img: downsize(img, self.max_side))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from concurrent.futures import ThreadPoolExecutor

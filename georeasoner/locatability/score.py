@@ -109,6 +109,19 @@ def read_with_retries(uri: str, retries: int) -> bytes:
     raise AssertionError("unreachable")
 
 
+def decode_key(uri: str, retries: int, transform) -> tuple[np.ndarray | None, str]:
+    """Read, decode and ``transform`` one key: ``(uint8 pixels, "")`` or ``(None, "<kind>: <detail>")``."""
+    try:
+        data = read_with_retries(uri, retries)
+        return np.asarray(transform(decode_image(data)), dtype=np.uint8), ""
+    except ImageError as exc:
+        return None, exc.row_error
+    except FileNotFoundError:
+        return None, "unreadable: the key vanished after listing"
+    except Exception as exc:  # noqa: BLE001 - one bad key never stops the job
+        return None, f"unreadable: {type(exc).__name__}: {str(exc)[:200]}"
+
+
 class DecodeStage:
     """Read and decode a batch of keys in a CPU task; errors become row errors."""
 
@@ -119,15 +132,7 @@ class DecodeStage:
         self.threads = threads
 
     def _one(self, uri: str) -> tuple[np.ndarray | None, str]:
-        try:
-            data = read_with_retries(uri, self.retries)
-            return np.asarray(resize_center_crop(decode_image(data), self.image_size)), ""
-        except ImageError as exc:
-            return None, exc.row_error
-        except FileNotFoundError:
-            return None, "unreadable: the key vanished after listing"
-        except Exception as exc:  # noqa: BLE001 - one bad key never stops the job
-            return None, f"unreadable: {type(exc).__name__}: {str(exc)[:200]}"
+        return decode_key(uri, self.retries, lambda img: resize_center_crop(img, self.image_size))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from concurrent.futures import ThreadPoolExecutor
