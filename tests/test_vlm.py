@@ -95,3 +95,24 @@ def test_collate_puts_the_loss_on_the_answer_only(world):
     a, b = step_indices(10, 0, 4, seed=1), step_indices(10, 1, 4, seed=1)
     assert a.tolist() == step_indices(10, 0, 4, seed=1).tolist() and not set(a) & set(b)
     assert len(set(a.tolist()) | set(b.tolist())) == 8
+
+
+def test_export_writes_a_plain_checkpoint_with_the_same_logits(vlm_package, tmp_path):
+    """``export_merged``: base + adapters merged into a transformers checkpoint other engines can load."""
+    import torch
+
+    from georeasoner.vlm.model import export_merged, load_vlm
+    from georeasoner.vlm.predict import model_inputs
+
+    out = tmp_path / "merged"
+    export_merged(vlm_package, str(out))
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert not list(out.glob("*.bin")) and not (out / "model_card.json").exists()
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8))]
+    logits = []
+    for ref in (vlm_package, str(out)):
+        loaded = load_vlm(ref)
+        with torch.no_grad():
+            logits.append(loaded.model(**model_inputs(loaded.processor, images, ["Which country?"])).logits.numpy())
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
