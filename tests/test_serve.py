@@ -190,7 +190,7 @@ def test_s3_uri_allowed_and_refused(service, s3_buckets):
                 f"s3://{allowed}/street/big.bin": (413, "payload_too_large"),
                 f"s3://{allowed}": (400, "invalid_uri"),
                 "/etc/passwd": (400, "unsupported_url"),
-                "https://example.com/a.jpg": (400, "unsupported_url")}
+                "https://images.invalid/a.jpg": (400, "unsupported_url")}
     for uri, (status, code) in expected.items():
         r = requests.post(f"{service}/geolocate", json={"image_uri": uri}, headers=AUTH, timeout=30)
         assert (r.status_code, r.json()["error"]["code"]) == (status, code), (uri, r.text)
@@ -264,7 +264,7 @@ def bad_requests(service: str, allowed_bucket: str) -> dict[str, tuple[dict, int
             "model": "georeasoner", "messages": [{"role": "user", "content": "where is this?"}]}), 400, "missing_field"),
         "chat missing messages": (dict(method="POST", url=chat, json={"model": "georeasoner"}, headers=AUTH), 400,
                                   "missing_field"),
-        "chat remote image url": (dict(method="POST", url=chat, json=chat_body("https://example.com/a.jpg"),
+        "chat remote image url": (dict(method="POST", url=chat, json=chat_body("https://images.invalid/a.jpg"),
                                        headers=AUTH), 400, "unsupported_url"),
         "chat truncated image": (dict(method="POST", url=chat, json=chat_body(data_url(bad["truncated.jpg"][0])),
                                       headers=AUTH), 422, "truncated"),

@@ -349,23 +349,20 @@ def _lineage(ref: str, folder: Path, init_base: str | None) -> tuple[dict[str, A
     return base, adapters, data
 
 
-def _save_init_base(cfg: FinetuneConfig, name: str) -> str | None:
-    """A tiny random start is saved once, so every worker (any node) and the package get the same weights."""
+def _save_init_base(cfg: FinetuneConfig, name: str) -> tuple[str, str] | None:
+    """A tiny random start is saved once, so every worker (any node) and the package get the same weights:
+    ``(local folder, its copy under the train storage that the workers load)``."""
     from georeasoner.vlm.model import is_tiny, load_vlm
 
     if not is_tiny(cfg.model):
         return None
-    uri = storage.join(cfg.train_storage(), name, "init_base")
     local = Path(tempfile.mkdtemp(prefix="georeasoner-init-"))
     loaded = load_vlm(cfg.model, seed=cfg.seed)
     loaded.model.save_pretrained(str(local), safe_serialization=True)
     loaded.processor.save_pretrained(str(local))
-    if storage.is_s3(uri):
-        for path in sorted(p for p in local.rglob("*") if p.is_file()):
-            storage.write_bytes(storage.join(uri, str(path.relative_to(local))), path.read_bytes())
-    else:
-        shutil.copytree(local, uri, dirs_exist_ok=True)
-    return str(local) if storage.is_s3(uri) else uri
+    uri = storage.join(cfg.train_storage(), name, "init_base")
+    packages.upload_folder(local, uri)
+    return str(local), uri
 
 
 def measure(ref: str, cfg: FinetuneConfig, question: str) -> dict[str, Any]:
@@ -393,10 +390,10 @@ def run(cfg: FinetuneConfig) -> dict:
     before = measure(cfg.model, cfg, question) if cfg.eval_input else {}
     connect(cfg)
     name = run_name(JOB, cfg, inputs)
-    init_base = _save_init_base(cfg, name)
+    init = _save_init_base(cfg, name)
+    init_base = init[0] if init else None
     loop = {
-        "model": init_base if init_base and not storage.is_s3(cfg.train_storage()) else
-        (storage.join(cfg.train_storage(), name, "init_base") if init_base else cfg.model),
+        "model": init[1] if init else cfg.model,
         "set": storage.absolute(set_uri) if not storage.is_s3(set_uri) else set_uri,
         "limit": cfg.limit, "seed": cfg.seed, "use_gpu": cfg.use_gpu, "bf16": cfg.bf16 and cfg.use_gpu,
         "deepspeed": str(Path(cfg.deepspeed).resolve()) if cfg.deepspeed not in ("zero2", "zero3") else cfg.deepspeed,
@@ -437,6 +434,8 @@ def run(cfg: FinetuneConfig) -> dict:
         print(f"{JOB}: country accuracy on {cfg.eval_split}: before {before.get('country_accuracy')} → after "
               f"{after.get('country_accuracy')} (chance {after.get('country_chance')})", flush=True)
     finish_train_storage(cfg, name)
+    if init_base:
+        shutil.rmtree(init_base, ignore_errors=True)
     job.model_version = card["version"]
     return job.finish(
         counts={"items": len(rows), "rows": len(rows), "steps": result.metrics.get("total_steps"),

@@ -330,16 +330,7 @@ def write_package(folder: Path, output: str, *, name: str, family: str, base: di
                               extra={"kind": KIND, "family": family, "base": base, "adapters": adapters,
                                      "processor": "processor", **(extra or {})})
     packages.write_json(folder / packages.CARD, card)
-    if storage.is_s3(output):
-        packages.upload_folder(folder, output)
-    else:
-        dest = Path(storage.absolute(output))
-        dest.mkdir(parents=True, exist_ok=True)
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != packages.CARD):
-            target = dest / path.relative_to(folder)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
-        shutil.copyfile(folder / packages.CARD, dest / packages.CARD)
+    packages.upload_folder(folder, storage.absolute(output) if not storage.is_s3(output) else output)
     return card
 
 
@@ -353,11 +344,7 @@ def export_merged(ref: str, output: str, dtype: str | None = None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         loaded.processor.save_pretrained(tmp)
-        if storage.is_s3(output):
-            for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
-                storage.write_bytes(storage.join(output, str(path.relative_to(tmp))), path.read_bytes())
-        else:
-            shutil.copytree(tmp, storage.absolute(output), dirs_exist_ok=True)
+        packages.upload_folder(tmp, storage.absolute(output) if not storage.is_s3(output) else output)
     return output
 
 
