@@ -40,15 +40,16 @@ def main(root: str) -> None:
         c = sft["counts"]
         print(f"\nSFT sets: base {c['base']}, reasoning {c['reasoning']}, location {c['location']} rows "
               f"({c['errors']} input records as errors)")
-    for folder, label in (("vlm_base", "base (all parameters, no country)"), ("vlm_reasoning", "stage 1 reasoning (LoRA)"),
-                          ("vlm", "stage 2 location (LoRA)")):
+    from georeasoner.vlm.measure import summary_line
+
+    for folder, label in (("vlm_base", "base (all parameters, clue descriptions)"),
+                          ("vlm_reasoning", "stage 1 reasoning (LoRA)"), ("vlm", "stage 2 location (LoRA)")):
         run = _success(storage.join(root, folder))
         if run:
             m = run.get("metrics", {})
-            before, after = m.get("before") or {}, m.get("after") or {}
-            print(f"VLM {label}: {run['counts']['steps']} steps, country accuracy on test "
-                  f"{before.get('country_accuracy')} → {after.get('country_accuracy')} "
-                  f"(chance {after.get('country_chance')}); {run['model_version']}")
+            after = m.get("after") or {}
+            chance = f" (country chance {after['country_chance']:.3f})" if after.get("country_chance") else ""
+            print(f"VLM {label}: {run['counts']['steps']} steps, on test: {summary_line(after)}{chance}")
 
     evaluation = _success(storage.join(root, "eval"))
     if evaluation:

@@ -13,6 +13,7 @@ from georeasoner.geo import country_name, to_iso2
 from georeasoner.vlm import prompts
 from georeasoner.vlm.sft import ROW_FIELDS, BuildSftConfig, find_country, read_sft, run
 from georeasoner.world import facts
+from georeasoner.world.clues import observation
 
 
 @pytest.fixture(scope="module")
@@ -51,25 +52,29 @@ def test_sets_have_the_right_rows_and_fields(built, manifest):
     assert summary["licences"]["base"] == [manifest[0]["licence"]] and summary["non_commercial"] == []
 
 
-def test_base_answers_name_no_country(built):
+def test_base_answers_describe_the_clues_and_name_no_country(built, manifest):
+    by_uri = {r["image_uri"]: r for r in manifest}
     names = {c.name.lower().removeprefix("the ") for c in facts.COUNTRIES}
     names |= {country_name(c.iso2).lower() for c in facts.COUNTRIES}
     assert built[2]["base"]
     for row in built[2]["base"]:
         answer = row["answer"].lower()
-        assert answer.startswith("clues: ")
+        sentences = [observation(c) for c in by_uri[row["image_uri"]]["clues"]] or [prompts.NO_CLUES]
+        assert row["answer"] == " ".join(sentences)
         assert not [n for n in names if re.search(rf"\b{re.escape(n)}\b", answer)], row["answer"]
 
 
-def test_reasoning_answers_are_json_naming_the_country(built, world):
+def test_reasoning_answers_are_json_naming_the_country(built, world, manifest):
+    by_uri = {r["image_uri"]: r for r in manifest}
     tips = [json.loads(line) for line in (world / "clues.jsonl").read_text().splitlines()]
     texts = {t["text"] for t in tips}
     assert built[2]["reasoning"]
     for row in built[2]["reasoning"]:
         answer = json.loads(row["answer"])
-        assert set(answer) == {"country", "reasons"}
+        assert list(answer) == ["reasons", "country"]  # reasons first: the country follows what was seen
         assert answer["country"] == country_name(row["country"]) and to_iso2(answer["country"]) == row["country"]
         assert answer["reasons"] and all(tip in texts for tip in _split_tips(answer["reasons"], texts))
+        assert answer["reasons"] == " ".join(observation(c) for c in by_uri[row["image_uri"]]["clues"])
 
 
 def _split_tips(reasons: str, texts: set[str]) -> list[str]:
@@ -84,24 +89,46 @@ def _split_tips(reasons: str, texts: set[str]) -> list[str]:
 
 
 def test_tips_per_clue_and_seed(world, tmp_path, built):
-    two = run(BuildSftConfig(input=str(world), output=str(tmp_path / "two"), seed=3, tips_per_clue=2, limit=40))
+    one = run(BuildSftConfig(input=str(world), output=str(tmp_path / "one"), seed=3, reasons="explain", limit=40))
+    two = run(BuildSftConfig(input=str(world), output=str(tmp_path / "two"), seed=3, reasons="explain",
+                             tips_per_clue=2, limit=40))
     rows = read_sft(str(tmp_path / "two" / "reasoning.jsonl"))
-    assert two["counts"]["base"] == 40
-    first = {r["image_uri"]: r for r in built[2]["reasoning"]}
+    assert one["counts"]["base"] == two["counts"]["base"] == 40
+    first = {r["image_uri"]: r for r in read_sft(str(tmp_path / "one" / "reasoning.jsonl"))}
     for row in rows:  # two tips per clue: more text than one
         assert len(json.loads(row["answer"])["reasons"]) > len(json.loads(first[row["image_uri"]]["answer"])["reasons"])
-    run(BuildSftConfig(input=str(world), output=str(tmp_path / "again"), seed=3, limit=40))
+    run(BuildSftConfig(input=str(world), output=str(tmp_path / "again"), seed=3, reasons="explain", limit=40,
+                       overwrite=True))
     again = read_sft(str(tmp_path / "again" / "reasoning.jsonl"))
     assert all(r == first[r["image_uri"]] for r in again)  # limit does not change a row
 
 
-def test_location_answers_hold_country_and_city(built):
+def test_location_answers_hold_reasons_country_and_city(built, manifest):
+    by_uri = {r["image_uri"]: r for r in manifest}
     rows = built[2]["location"]
     assert rows
     for row in rows:
         answer = json.loads(row["answer"])
-        assert answer == {"country": country_name(row["country"]), "city": row["city"]}
-        assert row["city"] in row["answer"] and country_name(row["country"]) in row["answer"]
+        reasons = " ".join(observation(c) for c in by_uri[row["image_uri"]]["clues"]) or prompts.NO_CLUES
+        assert answer == {"reasons": reasons, "country": country_name(row["country"]), "city": row["city"]}
+        assert list(answer) == ["reasons", "country", "city"] and row["prompt"] == prompts.INFERENCE_PROMPT
+
+
+def test_location_rows_without_clue_annotations_and_reasoning_replay(world, tmp_path, manifest):
+    import pyarrow as pa
+
+    plain = [{k: v for k, v in r.items() if k != "clues"} for r in manifest[:40]]  # e.g. real street views
+    storage.write_parquet(pa.Table.from_pylist(plain), str(tmp_path / "plain" / "manifest.parquet"))
+    summary = run(BuildSftConfig(input=str(world), location_input=str(tmp_path / "plain"), output=str(tmp_path / "o"),
+                                 splits=["train", "val", "test"], replay_reasoning=0.1))
+    rows = read_sft(str(tmp_path / "o" / "location.jsonl"))
+    own = [r for r in rows if r["source"] == "manifest"]
+    replayed = [r for r in rows if r["source"] == "replay"]
+    assert len(own) == 40 and all(set(json.loads(r["answer"])) == {"country", "city"} for r in own)
+    assert replayed and summary["counts"]["location_replayed"] == len(replayed)
+    assert all(list(json.loads(r["answer"])) == ["reasons", "country", "city"] for r in replayed)
+    assert not {r["image_uri"] for r in replayed} & {r["image_uri"] for r in own}
+    assert len({r["id"] for r in rows}) == len(rows)
 
 
 def test_location_input_errors_and_curated_subset(world, tmp_path, manifest):

@@ -152,6 +152,27 @@ def test_two_stages_on_two_workers(zeros, sft, tmp_path, ray_session):
     assert not np.allclose(here[stage1], here[stage2], atol=1e-6)
 
 
+def test_base_task_with_vision_warmup_on_two_workers(sft, tmp_path, ray_session):
+    """The base task trains every parameter; its vision warmup (a multi-label clue classifier on the tower,
+    gradients averaged over both ranks) changes the tower before the captioning steps."""
+    from safetensors.torch import load_file
+
+    from georeasoner.vlm.finetune import run
+    from georeasoner.vlm.model import load_vlm
+
+    out = tmp_path / "base"
+    summary = run(config(sft, out, "base", "tiny:qwen2-vl", "zero2", lora={"enabled": False, "freeze_vision": False},
+                         max_steps=2, vision_warmup_steps=4, vision_warmup_batch=8))
+    assert summary["counts"]["steps"] == 2
+    trained = load_file(str(out / "base" / "model.safetensors"))
+    start = load_vlm("tiny:qwen2-vl", seed=0).model.state_dict()
+    tower = [k for k in trained if "visual" in k and k.endswith("weight")]
+    assert tower and all(k in start for k in tower)
+    assert any(not np.allclose(trained[k].numpy(), start[k].numpy()) for k in tower if "patch_embed" in k)
+    warm = summary["metrics"]["vision_warmup"]
+    assert 0.0 <= warm["precision"] <= 1.0 and 0.0 <= warm["recall"] <= 1.0
+
+
 def test_killed_run_resumes_from_its_last_checkpoint(sft, tmp_path):
     """SIGKILL the job after its first checkpoint; started again with the same config it continues at that
     step, with the learning-rate schedule where it was."""

@@ -60,7 +60,8 @@ def test_clues_file_and_manifest_clues_agree(world, manifest):
     records = [json.loads(line) for line in (world / "clues.jsonl").read_text().splitlines()]
     assert len(records) > 300
     for r in records:
-        assert set(r) == {"clue", "country", "text", "ade20k"}
+        assert set(r) - {"observation"} == {"clue", "country", "text", "ade20k"}
+        assert r.get("observation") in (None, True) and (not r.get("observation") or r["country"] is None)
         assert r["country"] is None or r["country"] in facts.COUNTRY_BY_ISO2
         assert len(r["text"]) > 20 and r["ade20k"] and set(r["ade20k"]) <= set(ADE20K_CLASSES)
     known = {(r["clue"], r["country"]) for r in records}

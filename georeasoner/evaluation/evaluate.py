@@ -16,7 +16,7 @@ from georeasoner.evaluation.metrics_table import ANSWER_COLUMNS, metrics_table
 from georeasoner.metrics import THRESHOLDS_KM
 
 JOB = "evaluate"
-TRUTH_COLUMNS = ("image_uri", "country", "city", "geonameid", "lat", "lon", "split")
+TRUTH_COLUMNS = ("image_uri", "country", "city", "geonameid", "lat", "lon", "split", "clues")
 
 
 class EvaluateConfig(JobConfig):
@@ -30,6 +30,14 @@ class EvaluateConfig(JobConfig):
     scores: str | None = Field(None, description="locatability scores (score_locatability output) for the report's panels")
     threshold: float = Field(0.4, ge=0, le=1, description="curation threshold drawn on the locatability histogram")
     report: bool = Field(True, description="write report.html beside metrics.json")
+    clues: str | None = Field(None, description="clues.jsonl (file or its folder): reasoning metrics (grounding "
+                              "precision/recall, consistency) when the manifest has a clues column")
+
+    @property
+    def clues_uri(self) -> str | None:
+        if not self.clues:
+            return None
+        return self.clues if self.clues.endswith(".jsonl") else storage.join(self.clues, "clues.jsonl")
 
     def check_inputs(self) -> None:
         makers = {"input": "answers made by jobs/geolocate.py or jobs/baseline_zeroshot.py",
@@ -41,6 +49,8 @@ class EvaluateConfig(JobConfig):
                 raise InputError(f"input error: {key} '{uri}' does not exist ({maker})")
         if manifest_uri(self.manifest) is None:
             raise InputError(f"input error: manifest '{self.manifest}' does not exist (made by jobs/make_world.py or jobs/ingest.py)")
+        if self.clues and not storage.is_file(self.clues_uri):
+            raise InputError(f"input error: clues '{self.clues_uri}' does not exist (made by jobs/make_world.py)")
 
 
 
@@ -75,6 +85,15 @@ def read_scores(uri: str) -> dict[str, float]:
     return {u: float(s) for u, s in zip(table.column("image_uri").to_pylist(), table.column(column).to_pylist()) if s is not None}
 
 
+def _model_version(answers: str) -> str | None:
+    """The model version the answers' job recorded (``_SUCCESS.json`` beside them), when there is one."""
+    try:
+        marker = storage.read_json(storage.join(answers, "_SUCCESS.json"))
+    except (OSError, ValueError):
+        return None
+    return marker.get("model_version") or marker.get("model")
+
+
 def format_table(results: dict[str, dict]) -> str:
     """The paper's table plus distance metrics, one column per evaluated answer set."""
     names = list(results)
@@ -85,6 +104,14 @@ def format_table(results: dict[str, dict]) -> str:
             ("city accuracy", lambda m: f"{m['city']['accuracy']:.3f}"),
             ("city recall", lambda m: f"{m['city']['recall']:.3f}"),
             ("city F1", lambda m: f"{m['city']['f1']:.3f}")]
+    if any(results[n].get("reasoning") for n in names):
+        def reasoning(key: str):
+            def cell(m):
+                v = (m.get("reasoning") or {}).get(key)
+                return "-" if v is None else f"{v:.3f}"
+            return cell
+        rows += [("answers with reasons", reasoning("reasons_rate")), ("grounding precision", reasoning("precision")),
+                 ("grounding recall", reasoning("recall")), ("consistency", reasoning("consistency"))]
     rows += [(f"within {r} km", (lambda r: lambda m: f"{m['distance'][f'acc_{r}km']:.3f}")(r)) for r in THRESHOLDS_KM]
     rows += [("GeoScore (all)", lambda m: f"{m['distance']['geoscore']:.1f}"),
              ("median km (answered)", lambda m: "-" if m["distance"]["median_km"] is None else f"{m['distance']['median_km']:.0f}")]
@@ -101,8 +128,18 @@ def run(cfg: EvaluateConfig) -> dict:
     truth = read_truth(cfg)
     answers = read_answers(cfg.input)
     results: dict[str, Any] = {cfg.name: metrics_table(truth, answers)}
-    if cfg.baseline:
-        results["baseline"] = metrics_table(truth, read_answers(cfg.baseline))
+    baseline_answers = read_answers(cfg.baseline) if cfg.baseline else None
+    if baseline_answers is not None:
+        results["baseline"] = metrics_table(truth, baseline_answers)
+    catalogue = None
+    if cfg.clues_uri and any(isinstance(t.get("clues"), list) for t in truth):
+        from georeasoner.evaluation.metrics_table import reasoning_metrics
+        from georeasoner.metrics.grounding import ClueCatalogue
+
+        catalogue = ClueCatalogue.read(cfg.clues_uri)
+        for label, rows in ((cfg.name, answers), ("baseline", baseline_answers)):
+            if rows is not None:
+                results[label]["reasoning"] = reasoning_metrics(catalogue, truth, rows)
     metrics = {"n": len(truth), "answers": {cfg.name: cfg.input, **({"baseline": cfg.baseline} if cfg.baseline else {})},
                "manifest": cfg.manifest, "splits": cfg.splits, "results": results}
     storage.write_json(job.path("metrics.json"), metrics)
@@ -113,7 +150,8 @@ def run(cfg: EvaluateConfig) -> dict:
         from georeasoner.evaluation.report import render_report
 
         scores = read_scores(cfg.scores) if cfg.scores else None
-        page = render_report(cfg.name, results, truth, aligned_answers(truth, answers), scores, cfg.threshold)
+        page = render_report(cfg.name, results, truth, aligned_answers(truth, answers), scores, cfg.threshold,
+                             catalogue=catalogue, model_version=_model_version(cfg.input))
         storage.write_text(job.path("report.html"), page)
         extra["report_html"] = job.path("report.html")
         print(f"report: {job.path('report.html')}")

@@ -97,3 +97,13 @@ def metrics_table(truth: list[dict], answers: list[dict]) -> dict[str, Any]:
         per_country[code] = location_metrics([truth[i] for i in idx], [preds[i] for i in idx])
     out["per_country"] = per_country
     return out
+
+
+def reasoning_metrics(catalogue, truth: list[dict], answers: list[dict]) -> dict[str, Any]:
+    """Grounding of the answers' reasons (:func:`georeasoner.metrics.grounding.grounding`) over the truth rows
+    whose clues are known; images without an answer count as answers without reasons."""
+    from georeasoner.metrics.grounding import grounding
+
+    preds = aligned_answers(truth, answers)
+    present = [t.get("clues") if isinstance(t.get("clues"), list) else None for t in truth]
+    return grounding(catalogue, [p.get("reasons") for p in preds], present, [p.get("country") for p in preds])

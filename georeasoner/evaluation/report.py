@@ -68,6 +68,14 @@ def metrics_table_html(results: dict[str, dict]) -> str:
     rows += [("GeoScore (all images)", lambda m: f"{m['distance']['geoscore']:.1f}"),
              ("GeoScore (answered)", lambda m: "–" if m["distance"]["geoscore_answered"] is None else f"{m['distance']['geoscore_answered']:.1f}"),
              ("median km (answered)", lambda m: "–" if m["distance"]["median_km"] is None else f"{m['distance']['median_km']:.0f}")]
+    if any(results[n].get("reasoning") for n in names):
+        def reasoning(key: str):
+            def cell(m):
+                v = (m.get("reasoning") or {}).get(key)
+                return "–" if v is None else f"{v:.3f}"
+            return cell
+        rows += [("answers with reasons", reasoning("reasons_rate")), ("grounding precision", reasoning("precision")),
+                 ("grounding recall", reasoning("recall")), ("consistency", reasoning("consistency"))]
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     body = "".join(f"<tr><td>{label}</td>" + "".join(f"<td>{fn(results[n])}</td>" for n in names) + "</tr>" for label, fn in rows)
     return f'<table id="metrics"><tr><th>metric</th>{head}</tr>{body}</table>'
@@ -156,13 +164,37 @@ def _grid(rows: list[dict], caption) -> str:
     return '<div class="grid">' + "".join(cells) + "</div>"
 
 
+def reasons_html(reasons: str | None, present: list[str] | None, catalogue) -> str:
+    """The reasons, each sentence marked with the clue it cites: present in the image (✓), absent (✗), or
+    citing no known clue (plain)."""
+    if not reasons:
+        return "<i>no reasons</i>"
+    if catalogue is None or present is None:
+        return f"<i>{html.escape(str(reasons)[:600])}</i>"
+    from georeasoner.metrics.grounding import marked
+
+    out = []
+    for sentence, clue, ok in marked(catalogue, reasons, present):
+        text = html.escape(sentence)
+        if clue is None:
+            out.append(f'<span class="nocite">{text}</span>')
+        else:
+            mark, cls, word = ("✓", "present", "present") if ok else ("✗", "absent", "absent")
+            out.append(f'<span class="{cls}" title="{html.escape(clue)}: {word} in the image">{mark} {text} '
+                       f'<small>[{html.escape(clue)}: {word}]</small></span>')
+    return "<br>".join(out)
+
+
 def render_report(name: str, results: dict[str, dict], truth: list[dict], preds: list[dict],
-                  scores: dict[str, float] | None, threshold: float, n_examples: int = 8) -> str:
+                  scores: dict[str, float] | None, threshold: float, n_examples: int = 8,
+                  catalogue=None, model_version: str | None = None) -> str:
     """The whole page as one HTML string."""
     from georeasoner.metrics.location import resolve_countries
 
     main = results[name]
-    parts = [f"<h1>GeoReasoner evaluation: {html.escape(name)}</h1>", "<h2>Metrics</h2>", metrics_table_html(results)]
+    version = f"<p>model version <code>{html.escape(model_version)}</code></p>" if model_version else ""
+    parts = [f"<h1>GeoReasoner evaluation: {html.escape(name)}</h1>", version, "<h2>Metrics</h2>",
+             metrics_table_html(results)]
     if scores:
         values = np.array(list(scores.values()), dtype=float)
         ranked = sorted((r for r in truth if r["image_uri"] in scores), key=lambda r: -scores[r["image_uri"]])
@@ -180,15 +212,21 @@ def render_report(name: str, results: dict[str, dict], truth: list[dict], preds:
         parts.append("<h2>Example answers</h2>")
         for t, p in examples:
             src = _thumb(t["image_uri"]) or ""
+            conf = p.get("confidence")
+            conf = f"{float(conf):.2f}" if isinstance(conf, (int, float)) and conf == conf else "–"
+            clues = t.get("clues") if isinstance(t.get("clues"), list) else None
+            shown = (f"<br><small>clues in the image: {html.escape(', '.join(clues) or 'none')}</small>"
+                     if clues is not None and catalogue is not None else "")
             parts.append(
                 f'<div class="example"><img src="{src}" width="{THUMB}" height="{THUMB}" alt="">'
                 f"<p><b>truth</b> {html.escape(str(t.get('country')))}, {html.escape(str(t.get('city')))}<br>"
                 f"<b>answer</b> {html.escape(str(p.get('country')))}, {html.escape(str(p.get('city')))}"
-                f" (confidence {p.get('confidence') if p.get('confidence') is not None else '–'})<br>"
-                f"<i>{html.escape(str(p.get('reasons') or ''))[:400]}</i></p></div>")
+                f" (confidence {conf})<br>"
+                f"{reasons_html(p.get('reasons'), clues, catalogue)}{shown}</p></div>")
     style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
              ".grid{display:flex;flex-wrap:wrap;gap:6px}figure{margin:0;font-size:11px;text-align:center}"
-             ".example{display:flex;gap:12px;align-items:flex-start;margin:8px 0}")
+             ".example{display:flex;gap:12px;align-items:flex-start;margin:8px 0}"
+             ".present{color:#1a7f37}.absent{color:#c0392b}.nocite{color:#666}small{color:#666}")
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>GeoReasoner evaluation</title>'
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")

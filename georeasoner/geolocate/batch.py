@@ -62,7 +62,7 @@ class GeolocateConfig(JobConfig):
     min_locatability: float | None = Field(
         None, ge=0, le=1, description="with scores: answer only images scored >= this; those below are counted, listed in _skipped.parquet, not answered")
     max_side: int = Field(448, ge=28, description="decoded images are downsized so that their long side is <= this (aspect kept)")
-    max_new_tokens: int = Field(96, ge=1, description="tokens generated per answer")
+    max_new_tokens: int = Field(192, ge=1, description="tokens generated per answer")
     dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] | None = Field(
         None, description="model weights dtype (bfloat16 on GPUs; default: as saved)")
     batch_size: int = Field(16, ge=1, description="images per model call")

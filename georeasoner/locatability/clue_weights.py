@@ -157,13 +157,23 @@ def load_encoder(name: str):
 
 
 def read_clue_texts(uri: str, limit: int | None = None) -> tuple[list[str], int]:
-    """Distinct, sorted clue sentences of the first ``limit`` records, and how many records were skipped."""
+    """Distinct, sorted clue sentences of the first ``limit`` tip records, and how many records were skipped.
+    Observation records (``"observation": true``: what a clue looks like, not why it locates) are left out, so
+    the weights rank classes by the tips that carry geographic knowledge."""
     texts, skipped = set(), 0
-    lines = [line for line in storage.read_text(uri).splitlines() if line.strip()]
-    for line in lines[:limit] if limit else lines:
+    records: list = []
+    for line in storage.read_text(uri).splitlines():
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and record.get("observation") is True:
+            continue
+        records.append(record)
+    for record in records[:limit] if limit else records:
+        if record is None:
             skipped += 1
             continue
         text = record.get("text") if isinstance(record, dict) else None

@@ -38,6 +38,14 @@ def _as_object(text: str) -> dict[str, Any] | None:
     return None
 
 
+def is_structured(text: Any) -> bool:
+    """Whether a model's answer is a JSON (or the paper's single-quoted) object: the answer format parsed."""
+    try:
+        return isinstance(text, str) and _as_object(text[:MAX_TEXT]) is not None
+    except Exception:  # noqa: BLE001 - a check must never take a batch down
+        return False
+
+
 def _keyed_fields(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, dq, sq, bare in _KEYED.findall(text):

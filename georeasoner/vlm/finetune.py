@@ -73,11 +73,19 @@ class FinetuneConfig(TrainResources):
     checkpoint_every_steps: int = Field(50, ge=1, description="report a resumable checkpoint every N steps")
     max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig: restarts after a lost worker")
     cache_pixels: bool = Field(True, description="keep processed images in worker memory (small sets)")
+    vision_warmup_steps: int = Field(0, ge=0, description="base task: first train the vision tower this many steps "
+                                     "as a multi-label clue classifier (rows' clues), then caption")
+    vision_warmup_batch: int = Field(64, ge=1, description="images per vision warmup step (over all workers)")
+    vision_warmup_lr: float = Field(3e-3, gt=0, description="peak learning rate of the vision warmup")
+    vision_lr_scale: float = Field(1.0, ge=0, description="base task: the vision tower's learning rate as a share of "
+                                   "lr while captioning (0 keeps the warmed-up tower frozen)")
     eval_input: str | None = Field(None, description="manifest (or folder) to measure country accuracy before/after")
     eval_split: str = Field("test", description="split of eval_input to measure on")
     eval_limit: int = Field(300, ge=1, description="images measured")
+    eval_before: bool = Field(True, description="measure the starting model too (before → after)")
+    eval_clues: str | None = Field(None, description="clues.jsonl for the grounding figures (default: beside eval_input)")
 
-    runtime_keys = TrainResources.runtime_keys + ("max_failures", "cache_pixels", "eval_limit")
+    runtime_keys = TrainResources.runtime_keys + ("max_failures", "cache_pixels", "eval_limit", "eval_before")
 
     def set_uri(self) -> str:
         if self.input.endswith(".jsonl"):
@@ -100,6 +108,9 @@ class FinetuneConfig(TrainResources):
             raise InputError(f"input error: {exc}") from None
         if self.task == "base" and self.lora.enabled:
             raise InputError("input error: task 'base' trains every parameter: set lora.enabled=false")
+        if self.vision_warmup_steps and self.lora.enabled:
+            raise InputError("input error: vision_warmup_steps trains the vision tower in full: only with "
+                             "lora.enabled=false (the base task)")
         if self.task != "base" and not self.lora.enabled:
             raise InputError(f"input error: task '{self.task}' trains a LoRA adapter: set lora.enabled=true")
         if self.eval_input:
@@ -210,6 +221,84 @@ def save_trained(engine, model, folder: Path, lora: bool, rank: int) -> None:
                 model.save_pretrained(str(folder / "model"), state_dict=state, safe_serialization=True)
 
 
+# -- vision warmup (base task) ----------------------------------------------------------------
+
+def vision_tower(model):
+    """The vision tower of a Qwen2-VL / Qwen2.5-VL model (``model.visual`` or ``model.model.visual``)."""
+    inner = getattr(model, "model", model)
+    tower = getattr(inner, "visual", None) or getattr(model, "visual", None)
+    if tower is None:
+        raise ValueError("the model has no vision tower ('visual')")
+    return tower
+
+
+def vision_warmup(model, rows: list[dict], cache, c: dict, rank: int, world: int, device) -> dict[str, float]:
+    """Train the vision tower as a multi-label clue classifier before the captioning steps: a linear head on its
+    merged image tokens, flattened (dropped afterwards), binary cross-entropy against each row's ``clues``. The dense signal
+    teaches a tiny random tower to see clues in a few hundred cheap steps (a real checkpoint's tower is pretrained:
+    this is the local stand-in for that). Gradients are averaged over the ranks (gloo), so every rank ends with the
+    same tower. Returns the last steps' training precision/recall."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from georeasoner.vlm.batches import micro_batches, step_indices
+
+    labelled = [r for r in rows if isinstance(r.get("clues"), list)]
+    vocab = sorted({clue for r in labelled for clue in r["clues"]})
+    steps, batch = c["vision_warmup_steps"], c["vision_warmup_batch"]
+    if not labelled or not vocab or steps <= 0:
+        return {}
+    index = {clue: i for i, clue in enumerate(vocab)}
+    tower = vision_tower(model)
+    pixels, grid = cache.get([labelled[0]["image_uri"]])[0]
+    tokens = int(np.prod(grid)) // cache.processor.image_processor.merge_size ** 2
+    width = tower(torch.from_numpy(pixels).float().to(device), grid_thw=torch.from_numpy(grid[None]).long().to(device)
+                  ).pooler_output.shape[-1]
+    torch.manual_seed(c["seed"])
+    head = torch.nn.Linear(tokens * width, len(vocab)).to(device)
+    params = [p for p in tower.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=c["vision_warmup_lr"], weight_decay=0.0)
+    warm = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, warm))
+    micro = max(1, batch // world)
+    hits = predicted = actual = 0
+    t0 = time.monotonic()
+    for step in range(steps):
+        idx = micro_batches(step_indices(len(labelled), step, micro * world, c["seed"] + 1), micro, 1, rank, world)[0]
+        chunk = [labelled[i] for i in idx]
+        images = cache.get([r["image_uri"] for r in chunk])
+        pv = torch.from_numpy(np.concatenate([p for p, _ in images])).float().to(device)
+        g = torch.from_numpy(np.stack([g for _, g in images])).long().to(device)
+        target = torch.zeros(len(chunk), len(vocab), device=device)
+        for i, r in enumerate(chunk):
+            for clue in r["clues"]:
+                target[i, index[clue]] = 1.0
+        logits = head(tower(pv, grid_thw=g).pooler_output.reshape(len(chunk), -1))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+        loss.backward()
+        if world > 1 and dist.is_initialized():
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        torch.nn.utils.clip_grad_norm_(params, c["grad_clip"])
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= steps - max(1, steps // 10):
+            guess = logits.detach() > 0
+            hits += int((guess & (target > 0)).sum())
+            predicted += int(guess.sum())
+            actual += int(target.sum())
+        if rank == 0 and ((step + 1) % max(1, c["log_every"] * 10) == 0 or step + 1 == steps):
+            print(f"{JOB}: vision warmup step {step + 1}/{steps} bce {loss.item():.4f} "
+                  f"({time.monotonic() - t0:.0f}s)", flush=True)
+    for p in tower.parameters():
+        p.grad = None
+    return {"precision": round(hits / max(1, predicted), 4), "recall": round(hits / max(1, actual), 4)}
+
+
 # -- the Ray Train worker ---------------------------------------------------------------------
 
 def train_loop(c: dict) -> None:
@@ -236,8 +325,23 @@ def train_loop(c: dict) -> None:
     total = c["max_steps"] or max(1, math.ceil(c["epochs"] * len(rows) / global_batch))
     config = ds_config.fill(ds_config.read(c["deepspeed"]), micro_batch=c["micro"], accumulation=c["accumulation"],
                             world_size=world, grad_clip=c["grad_clip"], bf16=c["bf16"])
+    cache = ImageCache(loaded.processor, cache=c["cache_pixels"])
+    warm: dict = {}
+    if not c["lora"] and c["vision_warmup_steps"] and ray.train.get_checkpoint() is None:
+        warm = vision_warmup(model, rows, cache, c, rank, world, device)
+        if rank == 0 and warm:
+            print(f"{JOB}: vision warmup done: clue precision {warm['precision']:.3f}, recall {warm['recall']:.3f} "
+                  "(training batches)", flush=True)
+    if not c["lora"] and c["vision_lr_scale"] == 0:
+        for p in vision_tower(model).parameters():  # captioning teaches the language side to read the tower
+            p.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=c["lr"], weight_decay=c["weight_decay"], betas=(0.9, 0.999))
+    groups: list[dict] = [{"params": trainable}]
+    if not c["lora"] and c["vision_lr_scale"] not in (0, 1):
+        tower = {id(p) for p in vision_tower(model).parameters()}
+        groups = [{"params": [p for p in trainable if id(p) not in tower]},
+                  {"params": [p for p in trainable if id(p) in tower], "lr": c["lr"] * c["vision_lr_scale"]}]
+    optimizer = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, int(c["warmup_ratio"] * total)))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
                                            dist_init_required=False)
@@ -247,12 +351,11 @@ def train_loop(c: dict) -> None:
         with checkpoint.as_directory() as folder:
             engine.load_checkpoint(folder, tag=CKPT_TAG, load_module_strict=False)
             state = json.loads((Path(folder) / "state.json").read_text())
-            step, history = state["step"], state["history"]
+            step, history, warm = state["step"], state["history"], state.get("vision_warmup") or {}
             tb = Path(folder) / "tensorboard"
             tb_files = {p.name: p.read_bytes() for p in tb.iterdir()} if tb.is_dir() else {}
         print(f"{JOB}: resuming at step {step}/{total} (lr {scheduler.get_last_lr()[0]:.3g})", flush=True)
     writer, tb_dir = _tensorboard(rank, tb_files)
-    cache = ImageCache(loaded.processor, cache=c["cache_pixels"])
     tokenizer = loaded.processor.tokenizer
     plan = [(s, i) for s in range(step, total)
             for i in micro_batches(step_indices(len(rows), s, global_batch, c["seed"]), c["micro"], c["accumulation"],
@@ -260,7 +363,8 @@ def train_loop(c: dict) -> None:
 
     if step >= total:  # finished before the package was written: report the last state again
         _report(engine, model, {"step": step, "total_steps": total, "loss": history[-1]["loss"] if history else None,
-                                "samples_per_s": None}, {"step": step, "history": history}, bool(c["lora"]), rank, tb_dir)
+                                "samples_per_s": None, "vision_warmup": warm},
+                {"step": step, "history": history, "vision_warmup": warm}, bool(c["lora"]), rank, tb_dir)
         return
 
     def make(item):
@@ -292,8 +396,9 @@ def train_loop(c: dict) -> None:
             losses = []
         if step % c["checkpoint_every"] == 0 or step == total:
             metrics = {"step": step, "total_steps": total, "loss": history[-1]["loss"] if history else None,
-                       "samples_per_s": round(seen * world / max(1e-9, time.monotonic() - t0), 2)}
-            _report(engine, model, metrics, {"step": step, "history": history}, bool(c["lora"]), rank, tb_dir)
+                       "samples_per_s": round(seen * world / max(1e-9, time.monotonic() - t0), 2), "vision_warmup": warm}
+            _report(engine, model, metrics, {"step": step, "history": history, "vision_warmup": warm}, bool(c["lora"]),
+                    rank, tb_dir)
     if writer:
         writer.close()
 
@@ -366,10 +471,12 @@ def _save_init_base(cfg: FinetuneConfig, name: str) -> tuple[str, str] | None:
 
 
 def measure(ref: str, cfg: FinetuneConfig, question: str) -> dict[str, Any]:
-    """Country accuracy of a model on ``eval_input``'s ``eval_split`` (see :mod:`georeasoner.vlm.measure`)."""
+    """Held-out figures of a model on ``eval_input``'s ``eval_split`` (see :mod:`georeasoner.vlm.measure`): clue
+    F1 of its descriptions for the base task; parse rate, country/city accuracy and grounding for the others."""
     from georeasoner.vlm.measure import accuracy
 
-    return accuracy(ref, cfg.eval_input, question, split=cfg.eval_split, limit=cfg.eval_limit, seed=cfg.seed)
+    return accuracy(ref, cfg.eval_input, question, split=cfg.eval_split, limit=cfg.eval_limit, seed=cfg.seed,
+                    task=cfg.task, clues=cfg.eval_clues)
 
 
 def run(cfg: FinetuneConfig) -> dict:
@@ -386,8 +493,8 @@ def run(cfg: FinetuneConfig) -> dict:
         return storage.read_json(storage.join(storage.absolute(cfg.output), SUMMARY_FILE))
     job = JobRun(JOB, cfg, inputs=inputs).start()
     rows = read_rows(set_uri)[: cfg.limit]
-    question = prompts.PROMPTS["location" if cfg.task == "base" else cfg.task]
-    before = measure(cfg.model, cfg, question) if cfg.eval_input else {}
+    question = prompts.PROMPTS[cfg.task]
+    before = measure(cfg.model, cfg, question) if cfg.eval_input and cfg.eval_before else {}
     connect(cfg)
     name = run_name(JOB, cfg, inputs)
     init = _save_init_base(cfg, name)
@@ -401,6 +508,9 @@ def run(cfg: FinetuneConfig) -> dict:
                  "regex": _target_regex(cfg.lora), "modules_to_save": cfg.lora.modules_to_save}
         if cfg.lora.enabled else None,
         "micro": cfg.micro_batch_size, "accumulation": cfg.grad_accumulation, "epochs": cfg.epochs,
+        "vision_warmup_steps": cfg.vision_warmup_steps if not cfg.lora.enabled else 0,
+        "vision_warmup_batch": cfg.vision_warmup_batch, "vision_warmup_lr": cfg.vision_warmup_lr,
+        "vision_lr_scale": cfg.vision_lr_scale,
         "max_steps": cfg.max_steps, "lr": cfg.lr, "warmup_ratio": cfg.warmup_ratio, "weight_decay": cfg.weight_decay,
         "grad_clip": cfg.grad_clip, "checkpoint_every": cfg.checkpoint_every_steps, "cache_pixels": cfg.cache_pixels,
         "log_every": max(1, min(10, cfg.checkpoint_every_steps)),
@@ -431,8 +541,12 @@ def run(cfg: FinetuneConfig) -> dict:
                              extra={"inference_prompt": question})
     after = measure(cfg.output, cfg, question) if cfg.eval_input else {}
     if before or after:
-        print(f"{JOB}: country accuracy on {cfg.eval_split}: before {before.get('country_accuracy')} → after "
-              f"{after.get('country_accuracy')} (chance {after.get('country_chance')})", flush=True)
+        from georeasoner.vlm.measure import summary_line
+
+        chance = f" (country chance {after['country_chance']:.3f})" if after.get("country_chance") else ""
+        if before:
+            print(f"{JOB}: {cfg.task} on {cfg.eval_split}, before: {summary_line(before)}", flush=True)
+        print(f"{JOB}: {cfg.task} on {cfg.eval_split}, after:  {summary_line(after)}{chance}", flush=True)
     finish_train_storage(cfg, name)
     if init_base:
         shutil.rmtree(init_base, ignore_errors=True)
@@ -441,6 +555,7 @@ def run(cfg: FinetuneConfig) -> dict:
         counts={"items": len(rows), "rows": len(rows), "steps": result.metrics.get("total_steps"),
                 "workers": cfg.num_workers},
         metrics={"final_loss": result.metrics.get("loss"), "samples_per_s": result.metrics.get("samples_per_s"),
+                 "vision_warmup": result.metrics.get("vision_warmup") or None,
                  "before": before, "after": after},
         model=card["version"], adapters=[a["name"] for a in adapters], commercial_use=card["commercial_use"])
 

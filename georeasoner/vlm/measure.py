@@ -1,9 +1,14 @@
-"""Quick held-out accuracy of a VLM on a labelled manifest split (used by finetune's before/after line and by
+"""Quick held-out figures of a VLM on a labelled manifest split (finetune's before/after lines and
 ``scripts/learning_curve.py``; the full metrics live in the evaluate job).
 
-- country accuracy: the country whose name the model puts first in ``{"country": "`` (teacher-forced; the
-  same choice greedy decoding makes), among the split's countries;
-- city accuracy (optional): greedy generation parsed by the answer parser, matched with ``same_city``.
+The model answers ``question`` on each image by greedy generation (as batch geolocation does); from the answers:
+
+- ``parse_rate``: answers that are a JSON object (:func:`georeasoner.vlm.answers.is_structured`);
+- ``reasons_rate``: answers with non-empty reasons;
+- ``country_accuracy`` / ``city_accuracy`` with their chance levels (the split's countries / cities);
+- grounding (:mod:`georeasoner.metrics.grounding`) when the manifest has ``clues`` and a clues file is known:
+  ``grounding_precision``, ``grounding_recall``, ``consistency``; for the base task (descriptions, no country)
+  the same matcher gives ``clue_precision``, ``clue_recall`` and ``clue_f1`` of what the model says it sees.
 """
 
 from __future__ import annotations
@@ -14,42 +19,84 @@ import numpy as np
 
 from georeasoner.core import storage
 
+CLUES_FILE = "clues.jsonl"
+
 
 def labelled_rows(manifest: str, split: str, limit: int | None) -> list[dict[str, Any]]:
-    from georeasoner.clip.pretrain import resolve_manifest
+    from georeasoner.core.manifest import manifest_uri
 
-    rows = storage.read_parquet(resolve_manifest(manifest),
-                                columns=["image_uri", "country", "city", "geonameid", "split"]).to_pylist()
-    return [r for r in rows if r["split"] == split and r["country"]][:limit]
+    uri = manifest_uri(manifest) or manifest
+    table = storage.read_parquet(uri)
+    cols = [c for c in ("image_uri", "country", "city", "geonameid", "split", "clues") if c in table.column_names]
+    rows = table.select(cols).to_pylist()
+    return [r for r in rows if r.get("split") == split and r.get("country")][:limit]
+
+
+def clues_beside(manifest: str) -> str | None:
+    """``clues.jsonl`` beside a manifest (file or folder), when it exists."""
+    from georeasoner.core.manifest import manifest_uri
+
+    uri = manifest_uri(manifest)
+    if uri is None:
+        return None
+    beside = storage.join(storage.parent(uri), CLUES_FILE)
+    return beside if storage.is_file(beside) else None
 
 
 def accuracy(ref: str, manifest: str, question: str, *, split: str = "test", limit: int | None = None,
-             cities: bool = False, seed: int = 0, batch_size: int = 32) -> dict[str, Any]:
-    """``{"country_accuracy", "country_chance", "city_accuracy", "city_chance", "images"}`` of model ``ref``."""
+             task: str = "location", clues: str | None = None, seed: int = 0, batch_size: int = 32,
+             max_new_tokens: int = 192, cities: bool = True) -> dict[str, Any]:
+    """The figures above for model ``ref`` on ``manifest``'s ``split`` (``{}`` when the split is empty)."""
     from georeasoner.core.images import decode_image
-    from georeasoner.geo import country_name, same_city
+    from georeasoner.geo import same_city
+    from georeasoner.metrics.grounding import ClueCatalogue, grounding
+    from georeasoner.vlm.answers import is_structured
     from georeasoner.vlm.model import load_vlm
     from georeasoner.vlm.predict import Geolocator
 
     rows = labelled_rows(manifest, split, limit)
     if not rows:
         return {}
-    countries = sorted({r["country"] for r in rows})
-    names = [country_name(c) or c for c in countries]
-    geo = Geolocator(load_vlm(ref, seed=seed), max_new_tokens=24, question=question)
-    country_hits, city_hits = [], []
+    geo = Geolocator(load_vlm(ref, seed=seed), max_new_tokens=max_new_tokens, question=question)
+    answers: list[dict] = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        images = [decode_image(storage.read_bytes(r["image_uri"])) for r in chunk]
-        picked = geo.country_scores(images, names, question).argmax(1).tolist()
-        country_hits += [countries[p] == r["country"] for p, r in zip(picked, chunk)]
-        if cities:
-            for answer, r in zip(geo.answer(images), chunk):
-                city_hits.append(bool(answer["city"]) and answer["country"] == r["country"]
-                                 and bool(same_city(answer["city"], r["city"], country=r["country"])))
-    out = {"country_accuracy": round(float(np.mean(country_hits)), 4), "country_chance": round(1 / len(countries), 4),
-           "images": len(rows)}
-    if cities:
-        n_cities = len({(r["country"], r["city"]) for r in rows})
+        answers += geo.answer([decode_image(storage.read_bytes(r["image_uri"])) for r in chunk])
+    n = len(rows)
+    out: dict[str, Any] = {"images": n}
+    clues_uri = clues or clues_beside(manifest)
+    catalogue = ClueCatalogue.read(clues_uri) if clues_uri and "clues" in rows[0] else None
+    present = [r.get("clues") if isinstance(r.get("clues"), list) else None for r in rows]
+    if task == "base":
+        texts = [a["raw_text"] for a in answers]
+        if catalogue is not None:
+            g = grounding(catalogue, texts, present, [None] * n)
+            p, r = g["precision"] or 0.0, g["recall"] or 0.0
+            out.update(clue_precision=g["precision"], clue_recall=g["recall"],
+                       clue_f1=round(2 * p * r / (p + r), 4) if p + r else 0.0)
+        return out
+    countries = sorted({r["country"] for r in rows})
+    country_hits = [a["country"] == r["country"] for a, r in zip(answers, rows)]
+    city_hits = [bool(a["city"]) and a["country"] == r["country"]
+                 and bool(same_city(a["city"], r.get("city"), country=r["country"])) for a, r in zip(answers, rows)]
+    out.update(parse_rate=round(float(np.mean([is_structured(a["raw_text"]) for a in answers])), 4),
+               reasons_rate=round(float(np.mean([bool(a["reasons"].strip()) for a in answers])), 4),
+               country_accuracy=round(float(np.mean(country_hits)), 4), country_chance=round(1 / len(countries), 4))
+    if cities and task != "reasoning":  # stage 1's answers name no city
+        n_cities = len({(r["country"], r.get("city")) for r in rows})
         out.update(city_accuracy=round(float(np.mean(city_hits)), 4), city_chance=round(1 / max(1, n_cities), 4))
+    if catalogue is not None:
+        g = grounding(catalogue, [a["reasons"] for a in answers], present, [a["country"] for a in answers])
+        out.update(grounding_precision=g["precision"], grounding_recall=g["recall"], consistency=g["consistency"])
     return out
+
+
+def summary_line(figures: dict[str, Any]) -> str:
+    """The figures as one short line (rounded), for logs."""
+    if not figures:
+        return "-"
+    names = [("country_accuracy", "country"), ("city_accuracy", "city"), ("parse_rate", "parsed"),
+             ("reasons_rate", "with reasons"), ("grounding_precision", "grounding P"), ("grounding_recall", "R"),
+             ("consistency", "consistency"), ("clue_f1", "clue F1"), ("clue_precision", "P"), ("clue_recall", "R")]
+    parts = [f"{label} {figures[k]:.3f}" for k, label in names if isinstance(figures.get(k), (int, float))]
+    return ", ".join(parts) or "-"

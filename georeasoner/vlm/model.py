@@ -31,7 +31,10 @@ from georeasoner.core import packages, storage
 KIND = "vlm"
 TINY_PREFIX = "tiny:"
 FAMILIES = ("qwen2-vl", "qwen2.5-vl")
-TINY_IMAGE_SIZE = 112  # a multiple of 28: 64 patches -> 16 image tokens
+TINY_IMAGE_SIZE = 168  # a multiple of 28: 144 patches -> 36 image tokens (plates and scripts stay legible)
+# The tiny models' sizes: text hidden/layers, vision width/depth (a few million parameters train in minutes on 2 cores)
+TINY_TEXT_HIDDEN, TINY_TEXT_LAYERS = 128, 2
+TINY_VISION_DIM, TINY_VISION_DEPTH = 64, 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 PAD, EOS = "<|endoftext|>", "<|im_end|>"
@@ -76,13 +79,13 @@ def _tokenizer_corpus() -> list[str]:
     from georeasoner.world import clues, facts
 
     texts = list(prompts.PROMPTS.values()) + [prompts.SYSTEM, "user", "assistant", "system"]
-    texts += [json.dumps({"country": "x", "city": "y", "reasons": "z"}), "null", "0123456789 .,;:!?'\"()[]{}-"]
+    texts += [json.dumps({"reasons": "z", "country": "x", "city": "y"}), "null", "0123456789 .,;:!?'\"()[]{}-"]
     for style in facts.COUNTRIES:
         for city in style.cities:
-            texts.append(prompts.location_answer(country_name(style.iso2) or style.iso2, city.name))
+            texts.append(prompts.location_answer(country_name(style.iso2) or style.iso2, city.name, prompts.NO_CLUES))
     for entry in clues.catalogue():
         texts.append(entry["text"])
-        texts.append(prompts.base_answer([entry["clue"]]))
+        texts.append(prompts.clue_phrase(entry["clue"]))
     return texts * 3
 
 
@@ -126,8 +129,9 @@ def build_processor(family: str, image_size: int = TINY_IMAGE_SIZE):
     return Processor(image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())
 
 
-def tiny_config(family: str, tokenizer, hidden: int = 128, layers: int = 2):
-    """A Qwen2-VL / Qwen2.5-VL config of ~0.7M parameters (head_dim 32: mrope_section sums to 16)."""
+def tiny_config(family: str, tokenizer, hidden: int = TINY_TEXT_HIDDEN, layers: int = TINY_TEXT_LAYERS,
+                vision_dim: int = TINY_VISION_DIM, vision_depth: int = TINY_VISION_DEPTH):
+    """A tiny Qwen2-VL / Qwen2.5-VL config (head_dim 32: mrope_section sums to 16)."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -136,12 +140,13 @@ def tiny_config(family: str, tokenizer, hidden: int = 128, layers: int = 2):
                 rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
                 tie_word_embeddings=False, bos_token_id=None, eos_token_id=ids[EOS], pad_token_id=ids[PAD])
     if family == "qwen2.5-vl":
-        vision = dict(depth=2, hidden_size=64, out_hidden_size=hidden, intermediate_size=128, num_heads=2, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, in_chans=3, window_size=56, fullatt_block_indexes=[1])
+        vision = dict(depth=vision_depth, hidden_size=vision_dim, out_hidden_size=hidden, intermediate_size=2 * vision_dim,
+                      num_heads=max(1, vision_dim // 32), patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                      in_chans=3, window_size=56, fullatt_block_indexes=[vision_depth - 1])
         cls = Qwen2_5_VLConfig
     else:
-        vision = dict(depth=2, embed_dim=64, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
+        vision = dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=max(1, vision_dim // 32),
+                      mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
         cls = Qwen2VLConfig
     cfg = cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
               video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],

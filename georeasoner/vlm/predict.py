@@ -55,13 +55,13 @@ def _span_probability(tokenizer, token_ids: list[int], probs: list[float], text:
 class Geolocator:
     """Answers images with a loaded VLM (:func:`georeasoner.vlm.model.load_vlm`)."""
 
-    def __init__(self, loaded, max_new_tokens: int = 96, question: str = prompts.INFERENCE_PROMPT):
+    def __init__(self, loaded, max_new_tokens: int = 192, question: str = prompts.INFERENCE_PROMPT):
         self.loaded = loaded
         self.max_new_tokens = max_new_tokens
         self.question = question
 
     @classmethod
-    def from_ref(cls, ref: str, *, device: str | None = None, dtype: str | None = None, max_new_tokens: int = 96,
+    def from_ref(cls, ref: str, *, device: str | None = None, dtype: str | None = None, max_new_tokens: int = 192,
                  seed: int = 0) -> "Geolocator":
         """Load a model reference; the question is the package's ``inference_prompt`` (the prompt of the stage
         it was last trained on), else the JSON inference prompt."""

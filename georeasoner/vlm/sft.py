@@ -1,18 +1,22 @@
 """``build_sft``: the supervised fine-tuning sets of the VLM (base, stage 1 reasoning, stage 2 location).
 
 Three JSON-lines files, one row per line, every row ``{id, image_uri, task, prompt, answer, country, city,
-geonameid, split, licence, source, n_clues}``:
+geonameid, split, licence, source, n_clues, clues}`` (``clues``: the manifest's clue ids, null when unknown):
 
-- ``base.jsonl``: every manifest row of the chosen ``splits``; the answer describes the image's clues and names
-  no country (:func:`georeasoner.vlm.prompts.base_answer`): the local stand-in for pretraining.
+- ``base.jsonl``: every manifest row of the chosen ``splits``; the answer describes the image's clues, one
+  observation sentence per clue (its first ``country: null`` tip in ``clues.jsonl``), and names no country
+  (:func:`georeasoner.vlm.prompts.base_answer`): the local stand-in for pretraining.
 - ``reasoning.jsonl`` (stage 1): manifest rows with at least ``min_clues`` clues and a country; the answer is
-  ``{"country": <name>, "reasons": <tips>}`` where the tips are ``tips_per_clue`` sentence(s) of ``clues.jsonl``
-  per clue of the image for (clue, country), else the generic (clue, null) tip, drawn with an RNG seeded by
-  (``seed``, ``image_uri``) so a row's reasons do not depend on ``limit`` or order. Plus the rows imported from a
-  GeoReasoner_SFT / Qwen-VL ``conversations`` JSON file (question and answer verbatim, licence
-  ``conversations_licence``).
+  ``{"reasons": <reasons>, "country": <name>}``. ``reasons: observe`` (default): the observation sentences of the
+  image's clues; ``explain``: ``tips_per_clue`` sentence(s) of ``clues.jsonl`` per clue for (clue, country), else
+  the generic (clue, null) tip, drawn with an RNG seeded by (``seed``, ``image_uri``) so a row's reasons do not
+  depend on ``limit`` or order. Plus the rows imported from a GeoReasoner_SFT / Qwen-VL ``conversations`` JSON
+  file (question and answer verbatim, licence ``conversations_licence``).
 - ``location.jsonl`` (stage 2): rows of ``location_input`` (e.g. the curated manifest) of the chosen splits with a
-  country; answer ``{"country": <name>, "city": <city>}``.
+  country, asked the inference question; answer ``{"reasons", "country", "city"}`` (reasons as above when the
+  manifest row has a ``clues`` list, left out when its clues are unknown), plus ``replay_reasoning`` of the
+  stage-1 manifest rows in the same form (``source: replay``), so a stage-2 set of unannotated street views still
+  teaches the answer with reasons.
 
 Nothing is lost silently: every input record the job considers becomes a row or a line of ``errors.jsonl``
 (``{"source", "task", "key", "error"}``, error ``"<kind>: <detail>"``). Rows outside ``splits`` and manifest rows
@@ -29,7 +33,7 @@ import random
 import re
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 from pydantic import Field
 
@@ -48,7 +52,7 @@ ERRORS_FILE = "errors.jsonl"
 CLUES_FILE = "clues.jsonl"
 MANIFEST_COLUMNS = ("image_uri", "country", "city", "geonameid", "split", "clues", "licence")
 ROW_FIELDS = ("id", "image_uri", "task", "prompt", "answer", "country", "city", "geonameid", "split", "licence",
-              "source", "n_clues")
+              "source", "n_clues", "clues")
 USER_ROLES = ("user", "human")
 ASSISTANT_ROLES = ("assistant", "gpt")
 CHECK_THREADS = 16
@@ -69,7 +73,13 @@ class BuildSftConfig(JobConfig):
     conversations_licence: str = Field("CC-BY-NC-4.0", description="licence of the conversations' rows (GeoReasoner_SFT: CC-BY-NC-4.0)")
     splits: list[str] = Field(["train"], description="which manifest splits go into the sets")
     min_clues: int = Field(1, ge=0, description="reasoning rows need at least this many clues")
-    tips_per_clue: int = Field(1, ge=1, description="tips of clues.jsonl drawn per clue of an image for its reasons")
+    tips_per_clue: int = Field(1, ge=1, description="tips of clues.jsonl drawn per clue of an image for its reasons (reasons: explain)")
+    reasons: Literal["observe", "explain"] = Field(
+        "observe", description="observe: one country-free observation sentence per clue (regular, grounded); "
+                               "explain: tips_per_clue random country tips per clue")
+    replay_reasoning: float = Field(0.0, ge=0, le=1, description="share of stage-1 manifest rows added to the "
+                                    "stage-2 set with reasons, country and city (keeps reasoning alive when the "
+                                    "location rows carry no clue annotations)")
 
     @property
     def manifest_file(self) -> str | None:
@@ -159,10 +169,24 @@ def iso2_of(value: Any) -> str | None:
     return code if code and country_name(code) else None
 
 
-def reasons_for(clues: list[str], iso2: str, tips: dict, k: int, seed: int, image_uri: str) -> str | None:
-    """``k`` tip(s) per clue for (clue, country), else the generic (clue, null) tip; None when no clue has a tip."""
+def describe(clues: list[str], tips: dict) -> list[str]:
+    """One country-free sentence per clue: its first ``country: null`` tip (the observation), else its name."""
+    out = []
+    for clue in clues:
+        pool = tips.get((clue, None))
+        out.append(pool[0] if pool else f"{prompts.clue_phrase(clue)[0].upper()}{prompts.clue_phrase(clue)[1:]}.")
+    return out
+
+
+def reasons_for(clues: list[str], iso2: str, tips: dict, k: int, seed: int, image_uri: str,
+                style: str = "observe") -> str | None:
+    """The reasons of a row. ``observe``: each clue's observation sentence (:func:`describe`), in the manifest's
+    clue order; ``explain``: ``k`` tip(s) per clue for (clue, country), else the generic (clue, null) tip, drawn
+    at random. None when no clue has a tip."""
     if not clues:
         return prompts.NO_CLUES
+    if style == "observe":
+        return " ".join(describe(clues, tips))
     rng = random.Random(f"{seed}:{image_uri}")
     chosen: list[str] = []
     for clue in clues:
@@ -316,9 +340,10 @@ def _error(source: str, task: str, key: Any, kind: str, detail: str) -> dict[str
 
 
 def _manifest_fields(row: dict, iso2: str | None, source: str = "manifest") -> dict[str, Any]:
-    clues = row.get("clues") or []
+    known = row.get("clues") if isinstance(row.get("clues"), list) else None
+    clues = [c for c in known if isinstance(c, str)] if known is not None else None
     return {"country": iso2, "city": row.get("city"), "geonameid": row.get("geonameid"), "split": row.get("split"),
-            "licence": row.get("licence"), "source": source, "n_clues": len(clues)}
+            "licence": row.get("licence"), "source": source, "n_clues": len(clues or []), "clues": clues}
 
 
 def _select(rows: list[dict], splits: list[str], limit: int | None) -> tuple[list[dict], int]:
@@ -346,7 +371,8 @@ def manifest_sets(rows: list[dict], tips: dict, cfg: BuildSftConfig) -> tuple[li
         clues = [c for c in (row.get("clues") or []) if isinstance(c, str)]
         iso2 = iso2_of(row.get("country"))
         fields = _manifest_fields(row, iso2)
-        base.append(_row(row_id("base", uri), uri, "base", prompts.PROMPTS["base"], prompts.base_answer(clues), **fields))
+        base.append(_row(row_id("base", uri), uri, "base", prompts.PROMPTS["base"],
+                         prompts.base_answer(describe(clues, tips)), **fields))
         if len(clues) < cfg.min_clues:
             few_clues += 1
             continue
@@ -354,7 +380,7 @@ def manifest_sets(rows: list[dict], tips: dict, cfg: BuildSftConfig) -> tuple[li
             errors.append(_error("manifest", "reasoning", uri, "no_country",
                                  f"country {row.get('country')!r} is not a known country"))
             continue
-        reasons = reasons_for(clues, iso2, tips, cfg.tips_per_clue, cfg.seed, uri)
+        reasons = reasons_for(clues, iso2, tips, cfg.tips_per_clue, cfg.seed, uri, cfg.reasons)
         if reasons is None:
             errors.append(_error("manifest", "reasoning", uri, "no_tip", f"no tip in clues.jsonl for any of {clues}"))
             continue
@@ -363,8 +389,11 @@ def manifest_sets(rows: list[dict], tips: dict, cfg: BuildSftConfig) -> tuple[li
     return base, reasoning, errors, few_clues
 
 
-def location_set(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(location rows, error lines) from the location manifest's chosen rows."""
+def location_set(rows: list[dict], tips: dict | None = None, cfg: BuildSftConfig | None = None,
+                 task: str = "location") -> tuple[list[dict], list[dict]]:
+    """(location rows, error lines) from the location manifest's chosen rows: asked the inference question,
+    answered ``{"reasons", "country", "city"}``; reasons from the row's clues when the manifest knows them
+    (a ``clues`` list, empty for an image that shows none), left out otherwise."""
     out: list[dict] = []
     errors: list[dict] = []
     seen: set[str] = set()
@@ -382,10 +411,30 @@ def location_set(rows: list[dict]) -> tuple[list[dict], list[dict]]:
             errors.append(_error("location_input", "location", uri, "no_country",
                                  f"country {row.get('country')!r} is not a known country"))
             continue
-        answer = prompts.location_answer(country_name(iso2), row.get("city"))
-        out.append(_row(row_id("location", uri), uri, "location", prompts.PROMPTS["location"], answer,
+        clues = row.get("clues")
+        reasons = None
+        if isinstance(clues, list) and tips is not None and cfg is not None:
+            clues = [c for c in clues if isinstance(c, str)]
+            reasons = reasons_for(clues, iso2, tips, cfg.tips_per_clue, cfg.seed, uri, cfg.reasons)
+        answer = prompts.location_answer(country_name(iso2), row.get("city"), reasons)
+        out.append(_row(row_id(task, uri), uri, "location", prompts.PROMPTS["location"], answer,
                         **_manifest_fields(row, iso2)))
     return out, errors
+
+
+def _replay(manifest: list[dict], tips: dict, cfg: BuildSftConfig, taken: set[str]) -> list[dict]:
+    """``replay_reasoning`` of the stage-1 manifest rows (seeded choice; not already location rows), as stage-2
+    rows with reasons, country and city."""
+    if cfg.replay_reasoning <= 0:
+        return []
+    pool = [r for r in manifest if isinstance(r.get("image_uri"), str) and r["image_uri"] not in taken
+            and isinstance(r.get("clues"), list) and len(r["clues"]) >= cfg.min_clues]
+    rng = random.Random(f"{cfg.seed}:replay")
+    chosen = rng.sample(pool, int(round(cfg.replay_reasoning * len(pool))))
+    rows, _ = location_set(chosen, tips, cfg, task="replay")
+    for row in rows:
+        row["source"] = "replay"
+    return rows
 
 
 def _jsonl(rows: list[dict]) -> str:
@@ -428,8 +477,10 @@ def run(cfg: BuildSftConfig) -> dict:
         loc_rows, loc_skipped = manifest, skipped_split
     else:
         loc_rows, loc_skipped = _select(read_manifest_rows(cfg.location_file), cfg.splits, cfg.limit)
-    location, loc_errors = location_set(loc_rows)
+    location, loc_errors = location_set(loc_rows, tips, cfg)
     errors += loc_errors
+    replayed = _replay(manifest, tips, cfg, {r["image_uri"] for r in location})
+    location += replayed
 
     n_conversations = 0
     conv_rows: list[dict] = []
@@ -460,6 +511,7 @@ def run(cfg: BuildSftConfig) -> dict:
         "base": len(base),
         "reasoning": len(reasoning),
         "location": len(location),
+        "location_replayed": len(replayed),
         "reasoning_from_conversations": len(conv_rows),
         "errors": len(errors),
         "manifest_rows": len(manifest),

@@ -114,6 +114,54 @@ def _city_tips(style: CountryStyle, city: facts.City, kind: str) -> list[str]:
             f"The silhouette of {words} gives away {city.name}, {style.name}."]
 
 
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def observation(clue_id: str) -> str:
+    """What a clue looks like, in one sentence that names no country or city (the ``country: null`` tip of
+    every clue in ``clues.jsonl``; the reasons the VLM is taught to write are made of these)."""
+    kind, value = clue_id.split("_", 1)
+    if kind == "drive":
+        return f"Cars drive on the {value}."
+    if kind == "plate":
+        return f"The rear licence plate is {facts.PLATES[value][3].removesuffix(' rear')}."
+    if kind == "centre":
+        return f"The centre line is {facts.LINE_STYLES[value][2]}."
+    if kind == "edge":
+        return f"The road edge lines are {facts.LINE_STYLES[value][2]}."
+    if kind == "bollard":
+        return f"The bollards are {facts.BOLLARDS[value][3]}."
+    if kind == "sign":
+        return f"There are {facts.SIGNS[value]}."
+    if kind == "script":
+        return f"The signs are written in {facts.SCRIPTS[value]}."
+    if kind == "vegetation":
+        return f"The roadside has {facts.VEGETATION[value][4]}."
+    if kind == "sun":
+        return f"The sun is in the {value}ern sky."
+    if kind == "kerb":
+        return f"There are {facts.KERBS[value][1]}."
+    if kind == "wires":
+        return "Dense overhead wires hang from concrete poles."
+    if kind == "facade":
+        return f"The facades are {value.replace('_', ' ')}."
+    if kind == "landmark":
+        return f"The skyline shows {facts.LANDMARKS[value]}."
+    raise ValueError(f"unknown clue kind '{kind}'")
+
+
+def all_clue_ids() -> list[str]:
+    """Every clue id the world can show, in kind order (country clues, then city clues)."""
+    seen: dict[str, None] = {}
+    for style in facts.COUNTRIES:
+        seen.update(dict.fromkeys(country_clues(style).values()))
+    for style in facts.COUNTRIES:
+        for city in style.cities:
+            seen.update(dict.fromkeys(city_clues(city).values()))
+    return list(seen)
+
+
 _GENERIC = [
     ("sun_north", "If the sun is in the north, you are in the southern hemisphere."),
     ("sun_south", "If the sun is in the south, you are in the northern hemisphere."),
@@ -123,8 +171,12 @@ _GENERIC = [
 
 
 def catalogue() -> list[dict]:
-    """All clue records: ``{"clue", "country", "text", "ade20k"}`` (CONVENTIONS ``clues.jsonl``)."""
+    """All clue records: ``{"clue", "country", "text", "ade20k"}`` (docs/schemas.md ``clues.jsonl``). Every
+    clue's first ``country: null`` record is its observation sentence (marked ``"observation": true``)."""
     rows = []
+    for clue in all_clue_ids():  # first: each clue's observation is its first country-free tip
+        rows.append({"clue": clue, "country": None, "text": observation(clue), "ade20k": KIND_CLASSES[kind_of(clue)],
+                     "observation": True})
     for clue, text in _GENERIC:
         rows.append({"clue": clue, "country": None, "text": text, "ade20k": KIND_CLASSES[kind_of(clue)]})
     for style in facts.COUNTRIES:
