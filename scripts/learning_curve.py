@@ -11,7 +11,7 @@
 Uses the local chain's outputs (``./scripts/demo.sh`` makes them; missing stages are run here through the
 pipeline). Writes ``outputs/local/learning_curve/results.json`` and prints three tables.
 
-    python scripts/learning_curve.py [--seeds 0 1 2] [--steps 120] [--limit 300]
+    python scripts/learning_curve.py [--seeds 0 1 2] [--steps 150] [--limit 200]
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def fmt(value) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=120, help="stage-2 optimizer steps of each ablation arm")
-    parser.add_argument("--limit", type=int, default=None, help="test images measured (default: all)")
+    parser.add_argument("--steps", type=int, default=150, help="stage-2 optimizer steps of each ablation arm")
+    parser.add_argument("--limit", type=int, default=200, help="test images measured")
     args = parser.parse_args()
     t0 = time.monotonic()
     ensure_chain()

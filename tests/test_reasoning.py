@@ -90,7 +90,6 @@ def test_geolocate_rows_carry_reasons_and_evaluate_grounds_them(trained, world, 
     answered = [r for r in table if not r.get("error")]
     assert np.mean([is_structured(r["raw_text"]) for r in answered]) >= 0.9
     assert np.mean([bool(r["reasons"].strip()) for r in answered]) >= 0.9
-    assert np.mean([r["country"] is not None for r in answered]) >= 0.9
 
     out = tmp_path / "eval"
     evaluate(EvaluateConfig(input=str(answers), manifest=str(world), splits=["test"], output=str(out),

@@ -12,7 +12,7 @@ from georeasoner.core import storage
 from georeasoner.core.config import InputError, JobConfig
 from georeasoner.core.manifest import manifest_uri
 from georeasoner.core.outputs import JobRun
-from georeasoner.evaluation.metrics_table import ANSWER_COLUMNS, metrics_table
+from georeasoner.evaluation.metrics_table import ANSWER_COLUMNS, metrics_table, reasoning_rows
 from georeasoner.metrics import THRESHOLDS_KM
 
 JOB = "evaluate"
@@ -104,14 +104,7 @@ def format_table(results: dict[str, dict]) -> str:
             ("city accuracy", lambda m: f"{m['city']['accuracy']:.3f}"),
             ("city recall", lambda m: f"{m['city']['recall']:.3f}"),
             ("city F1", lambda m: f"{m['city']['f1']:.3f}")]
-    if any(results[n].get("reasoning") for n in names):
-        def reasoning(key: str):
-            def cell(m):
-                v = (m.get("reasoning") or {}).get(key)
-                return "-" if v is None else f"{v:.3f}"
-            return cell
-        rows += [("answers with reasons", reasoning("reasons_rate")), ("grounding precision", reasoning("precision")),
-                 ("grounding recall", reasoning("recall")), ("consistency", reasoning("consistency"))]
+    rows += reasoning_rows(results)
     rows += [(f"within {r} km", (lambda r: lambda m: f"{m['distance'][f'acc_{r}km']:.3f}")(r)) for r in THRESHOLDS_KM]
     rows += [("GeoScore (all)", lambda m: f"{m['distance']['geoscore']:.1f}"),
              ("median km (answered)", lambda m: "-" if m["distance"]["median_km"] is None else f"{m['distance']['median_km']:.0f}")]

@@ -107,3 +107,20 @@ def reasoning_metrics(catalogue, truth: list[dict], answers: list[dict]) -> dict
     preds = aligned_answers(truth, answers)
     present = [t.get("clues") if isinstance(t.get("clues"), list) else None for t in truth]
     return grounding(catalogue, [p.get("reasons") for p in preds], present, [p.get("country") for p in preds])
+
+
+REASONING_ROWS = (("answers with reasons", "reasons_rate"), ("grounding precision", "precision"),
+                  ("grounding recall", "recall"), ("consistency", "consistency"))
+
+
+def reasoning_rows(results: dict[str, dict], none: str = "-") -> list[tuple[str, Any]]:
+    """(label, cell function) rows of the reasoning metrics for the tables, when any result has them."""
+    if not any(m.get("reasoning") for m in results.values()):
+        return []
+
+    def cell(key: str):
+        def fmt(m: dict) -> str:
+            value = (m.get("reasoning") or {}).get(key)
+            return none if value is None else f"{value:.3f}"
+        return fmt
+    return [(label, cell(key)) for label, key in REASONING_ROWS]

@@ -17,6 +17,7 @@ import numpy as np
 
 from georeasoner.core import storage
 from georeasoner.core.images import ImageError, decode_image, resize_center_crop
+from georeasoner.evaluation.metrics_table import reasoning_rows
 from georeasoner.metrics import THRESHOLDS_KM
 
 THUMB = 112
@@ -68,14 +69,7 @@ def metrics_table_html(results: dict[str, dict]) -> str:
     rows += [("GeoScore (all images)", lambda m: f"{m['distance']['geoscore']:.1f}"),
              ("GeoScore (answered)", lambda m: "–" if m["distance"]["geoscore_answered"] is None else f"{m['distance']['geoscore_answered']:.1f}"),
              ("median km (answered)", lambda m: "–" if m["distance"]["median_km"] is None else f"{m['distance']['median_km']:.0f}")]
-    if any(results[n].get("reasoning") for n in names):
-        def reasoning(key: str):
-            def cell(m):
-                v = (m.get("reasoning") or {}).get(key)
-                return "–" if v is None else f"{v:.3f}"
-            return cell
-        rows += [("answers with reasons", reasoning("reasons_rate")), ("grounding precision", reasoning("precision")),
-                 ("grounding recall", reasoning("recall")), ("consistency", reasoning("consistency"))]
+    rows += reasoning_rows(results, none="–")
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     body = "".join(f"<tr><td>{label}</td>" + "".join(f"<td>{fn(results[n])}</td>" for n in names) + "</tr>" for label, fn in rows)
     return f'<table id="metrics"><tr><th>metric</th>{head}</tr>{body}</table>'
