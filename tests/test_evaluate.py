@@ -136,11 +136,12 @@ def test_answers_without_location_columns_are_refused(tmp_path):
     _make(tmp_path)
     storage.write_parquet(pa.table({"image_uri": ["/img/1.jpg"], "foo": [1]}), str(tmp_path / "bad.parquet"))
     proc = run_job("evaluate", "--config", "configs/evaluate/local.yaml", f"input={tmp_path}/bad.parquet",
-                   f"manifest={tmp_path}/m", "baseline=null", "scores=null", f"output={tmp_path}/e")
+                   f"manifest={tmp_path}/m", "baseline=null", "scores=null", "clues=null", f"output={tmp_path}/e")
     assert proc.returncode == 2 and "none of country, city, lat, lon" in proc.stderr
     proc = run_job("evaluate", "--config", "configs/evaluate/local.yaml", f"input={tmp_path}/absent.parquet",
-                   f"manifest={tmp_path}/m", "baseline=null", "scores=null", f"output={tmp_path}/e")
+                   f"manifest={tmp_path}/m", "baseline=null", "scores=null", "clues=null", f"output={tmp_path}/e")
     assert proc.returncode == 2 and "absent.parquet" in proc.stderr and proc.stderr.count("\n") == 1
     proc = run_job("evaluate", "--config", "configs/evaluate/local.yaml", f"input={tmp_path}/bad.parquet",
-                   f"manifest={tmp_path}/m", "baseline=null", f"scores={tmp_path}/no-scores", f"output={tmp_path}/e")
+                   f"manifest={tmp_path}/m", "baseline=null", f"scores={tmp_path}/no-scores", "clues=null",
+                   f"output={tmp_path}/e")
     assert proc.returncode == 2 and "locatability scores made by jobs/score_locatability.py" in proc.stderr
