@@ -1,4 +1,4 @@
-"""Session fixtures: one S3-protocol server, one Ray, one small embedded world (CONVENTIONS, Tests)."""
+"""Session fixtures: one S3-protocol server, one Ray, one small embedded world (docs/conventions.md › Tests)."""
 
 from __future__ import annotations
 

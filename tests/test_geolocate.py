@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -18,15 +19,14 @@ from PIL import Image
 
 from conftest import REPO, run_job
 from faulty_s3 import FaultyProxy
-from georeasoner.core import storage
+from georeasoner.core import inference, storage
 from georeasoner.core.config import ConfigError, InputError, load_config
 from georeasoner.core.images import error_kind
 from georeasoner.core.outputs import OutputConflict
 from georeasoner.core.packages import read_card
 from georeasoner.core.runner import main
-from georeasoner.evaluation.baseline import ANSWER_SCHEMA
-from georeasoner.geolocate.batch import (JOB, SKIPPED_FILE, DecodeStage, GeolocateActor, GeolocateConfig, clean_answer,
-                                         run, select_keys)
+from georeasoner.geolocate.batch import JOB, SKIPPED_FILE, GeolocateConfig, VLMModel, decode_downsized, run, select_keys
+from georeasoner.vlm.answers import ANSWER_SCHEMA, clean_answer
 from samples import bad_files, cut_jpeg, good_files
 
 TOKENS = 12  # max_new_tokens: the untrained tiny VLM babbles; short answers keep the module fast
@@ -64,7 +64,7 @@ def _fill_bucket(bucket: str, n_good: int) -> dict[str, str | None]:
 
 
 def _check_schema(row: dict, version: str) -> None:
-    """One answers row against the answers format (CONVENTIONS › Answers)."""
+    """One answers row against the answers format (docs/conventions.md › Answers)."""
     assert row["model_version"] == version
     if row["error"] is not None:
         assert all(row[k] is None for k in ("country", "city", "lat", "lon", "confidence", "reasons", "raw_text")), row
@@ -174,19 +174,23 @@ def test_model_failure_is_retried_per_image(tmp_path):
     Image.new("RGB", (13, 40), (1, 2, 3)).save(paths["thin.png"])
     paths["big.jpg"] = tmp_path / "big.jpg"
     paths["big.jpg"].write_bytes(_big_jpeg())
-    decoded = DecodeStage(448, {}, retries=0)({"image_uri": np.array([str(p) for p in paths.values()], dtype=object)})
+    uris = np.array([str(p) for p in paths.values()], dtype=object)
+    decoded = inference.decode_batch({"image_uri": uris}, "image_uri", 0, 4, partial(decode_downsized, max_side=448))
     assert [error_kind(e or None) for e in decoded["error"]] == [None, None, "empty", None, None]
-    assert (decoded["width"][4], decoded["height"][4]) == (448, 280)  # 1600x1000 downsized, aspect kept
-    assert (decoded["width"][3], decoded["height"][3]) == (13, 40)  # small images are never enlarged
+    assert tuple(decoded["shape"][4][:2]) == (280, 448)  # 1600x1000 downsized, aspect kept (height, width)
+    assert tuple(decoded["shape"][3][:2]) == (40, 13)  # small images are never enlarged
 
-    actor = GeolocateActor.__new__(GeolocateActor)
-    actor.geolocator, actor.version = _FlakyGeolocator(), "flaky-1"
-    out = actor(decoded)
-    errors = list(out["error"])
+    model = VLMModel.__new__(VLMModel)
+    model.geolocator, model.version = _FlakyGeolocator(), "flaky-1"
+    stage = inference.ModelStage.__new__(inference.ModelStage)
+    stage.model, stage.schema = model, ANSWER_SCHEMA
+    out = stage(decoded).to_pydict()
+    errors = out["error"]
     assert errors[2].startswith("empty:") and errors[3].startswith("model: RuntimeError: CUDA out of memory")
-    assert [errors[i] for i in (0, 1, 4)] == ["", "", ""]
-    assert list(out["country"]) == ["JP", "JP", "", "", "JP"] and out["lat"][0] == pytest.approx(34.7)
-    assert actor.geolocator.calls == 1 + 4  # the batch, then each decodable image once
+    assert [errors[i] for i in (0, 1, 4)] == [None, None, None]
+    assert out["country"] == ["JP", "JP", None, None, "JP"] and out["lat"][0] == pytest.approx(34.7)
+    assert set(out["model_version"]) == {"flaky-1"}
+    assert model.geolocator.calls == 1 + 4  # the batch, then each decodable image once
 
 
 def test_clean_answer_holds_the_schema():
@@ -245,7 +249,7 @@ def test_sigkill_half_way_then_resume(bucket, vlm_package):
     assert not storage.exists(f"{out}/_SUCCESS.json")
     rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"resuming, {written} of {len(expected)} keys already answered" in rerun.stdout
+    assert f"resuming, {written} of {len(expected)} keys already written" in rerun.stdout
     assert "== geolocate summary ==" in rerun.stdout
     _check(out, expected, read_card(vlm_package)["version"])
 

@@ -1,4 +1,4 @@
-"""Metrics pinned by CONVENTIONS › Metrics, checked against hand-computed values."""
+"""Metrics pinned by docs/conventions.md › Metrics, checked against hand-computed values."""
 
 from __future__ import annotations
 

@@ -121,5 +121,5 @@ def test_sigkill_half_way_then_resume(bucket, student_package):
     assert 0 < written < len(expected)
     rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"resuming, {written} of {len(expected)} keys already scored" in rerun.stdout
+    assert f"resuming, {written} of {len(expected)} keys already written" in rerun.stdout
     _check(out, expected)

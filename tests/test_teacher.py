@@ -21,7 +21,7 @@ from georeasoner.locatability.teacher import (
 )
 from georeasoner.world.ade20k import ADE20K_CLASSES, CLASS_ID
 
-POOL = {"min_actors": 1, "max_actors": 1, "num_cpus": 0.5}
+POOL = {"actor_pool_min": 1, "actor_pool_max": 1, "actor_cpus": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def manifest(world) -> list[dict]:
 @pytest.fixture(scope="module")
 def labels(world, weights, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "gt"
-    summary = run(TeacherConfig(input=str(world), weights=weights, output=str(out), pool=POOL))
+    summary = run(TeacherConfig(input=str(world), weights=weights, output=str(out), **POOL))
     return out, summary
 
 
@@ -62,7 +62,8 @@ def test_every_row_once_with_scores_in_unit_range(labels, manifest):
     scores = np.array(table.column("teacher_score").to_pylist(), dtype=float)
     assert table.column("error").null_count == table.num_rows and not np.isnan(scores).any()
     assert scores.min() >= 0.0 and scores.max() <= 1.0 and scores.std() > 0.05
-    assert summary["counts"] == {"items": 300, "scored": 300, "errors": 0, "duplicates_dropped": 0}
+    assert summary["counts"] == {"items": 300, "listed": 300, "scored": 300, "errors": 0, "duplicates": 0, "missing": 0,
+                                 "not_listed": 0, "duplicates_dropped": 0}
     assert summary["mean_score"] == pytest.approx(scores.mean(), abs=1e-4)
     assert not (out / "_parts").exists() and (out / "_SUCCESS.json").is_file()
 
@@ -106,11 +107,11 @@ def test_bad_masks_become_error_rows_and_rerun_resumes(world, weights, manifest,
         rows.append({**good[i], "image_uri": str(tmp_path / f"bad{i}.jpg"), "mask_uri": uri})
     rows.append(dict(good[2]))  # the same image twice: scored once
     uri = _write_manifest(rows, str(tmp_path / "m" / "manifest.parquet"))
-    cfg = TeacherConfig(input=uri, weights=weights + "/class_weights.json", output=str(tmp_path / "out"), pool=POOL,
+    cfg = TeacherConfig(input=uri, weights=weights + "/class_weights.json", output=str(tmp_path / "out"), **POOL,
                         batch_size=4)
     run(cfg.model_copy(update={"limit": 5}))
     summary = run(cfg)
-    assert "resuming, 5 of 15 rows already scored" in capsys.readouterr().out
+    assert "resuming, 5 of 15 keys already written" in capsys.readouterr().out
     table = storage.read_parquet(str(tmp_path / "out"))
     assert table.column("image_uri").to_pylist() == [r["image_uri"] for r in rows[:-1]]
     got = _by_uri(table)
@@ -122,7 +123,8 @@ def test_bad_masks_become_error_rows_and_rerun_resumes(world, weights, manifest,
     assert "150" in errors["one_based"] and "FileNotFoundError" in errors["missing"]
     assert all(got[str(tmp_path / f"bad{i}.jpg")]["teacher_score"] is None for i in range(len(bad)))
     assert all(got[r["image_uri"]]["error"] is None and 0 <= got[r["image_uri"]]["teacher_score"] <= 1 for r in good)
-    assert summary["counts"] == {"items": 15, "scored": 8, "errors": 7, "duplicates_dropped": 1}
+    assert summary["counts"] == {"items": 15, "listed": 15, "scored": 8, "errors": 7, "duplicates": 0, "missing": 0,
+                                 "not_listed": 0, "duplicates_dropped": 1}
     assert summary["errors_by_kind"] == {"empty": 1, "not_an_image": 1, "truncated": 1, "unreadable": 4}
     run(cfg)
     assert "already complete" in capsys.readouterr().out
@@ -150,7 +152,7 @@ def test_segmenter_path_end_to_end(world, weights, manifest, tmp_path):
     extra = [{**manifest[0], "image_uri": str(tmp_path / "cut.jpg")}, {**manifest[0], "image_uri": str(tmp_path / "gone.jpg")}]
     uri = _write_manifest(manifest + extra, str(tmp_path / "manifest.parquet"))
     summary = run(TeacherConfig(input=uri, weights=weights, output=str(tmp_path / "out"), masks="segmenter",
-                                segmenter={"model": model}, pool=POOL, batch_size=50))
+                                segmenter={"model": model}, **POOL, batch_size=50))
     table = storage.read_parquet(str(tmp_path / "out"))
     assert table.column("image_uri").to_pylist() == [r["image_uri"] for r in manifest + extra]
     got = _by_uri(table)
@@ -184,7 +186,7 @@ def test_segmenter_from_s3_is_fetched_once(bucket, tmp_path, monkeypatch):
 def test_s3_output_and_weights(world, weights, bucket):
     storage.write_bytes(f"s3://{bucket}/cw/class_weights.json", storage.read_bytes(storage.join(weights, "class_weights.json")))
     out = f"s3://{bucket}/teacher"
-    summary = run(TeacherConfig(input=str(world / "manifest.parquet"), weights=f"s3://{bucket}/cw", output=out, limit=40, pool=POOL))
+    summary = run(TeacherConfig(input=str(world / "manifest.parquet"), weights=f"s3://{bucket}/cw", output=out, limit=40, **POOL))
     table = storage.read_parquet(out)
     assert table.num_rows == 40 == summary["counts"]["scored"] and len(set(table.column("image_uri").to_pylist())) == 40
     assert storage.is_file(f"{out}/_SUCCESS.json") and storage.schema_version(f"{out}/teacher_labels.parquet") == "1"

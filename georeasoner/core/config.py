@@ -54,7 +54,7 @@ class StorageConfig(StrictModel):
 
 
 class JobConfig(StrictModel):
-    """Keys shared by every job (CONVENTIONS: Jobs and configs)."""
+    """Keys shared by every job (docs/conventions.md › Jobs and configs)."""
 
     input: str | None = Field(None, description="what the job reads: a local path or s3:// URI")
     output: str = Field(..., description="where the job writes: a local folder or s3:// prefix")

@@ -1,4 +1,4 @@
-"""The manifest every stage joins on (CONVENTIONS › Data): its schema and how to find it."""
+"""The manifest every stage joins on (docs/conventions.md › Data): its schema and how to find it."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ or CLIP ViT-L-14 weights from a package.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import numpy as np
@@ -16,22 +17,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from georeasoner.core import storage
-from georeasoner.core.config import InputError, JobConfig
+from georeasoner.core import inference, storage
+from georeasoner.core.config import InputError
 from georeasoner.core.manifest import manifest_uri
 from georeasoner.core.outputs import JobRun
-from georeasoner.core.progress import Progress
+from georeasoner.vlm.answers import ANSWER_SCHEMA
 
 JOB = "baseline_zeroshot"
-SCHEMA_VERSION = 1
-ANSWER_SCHEMA = pa.schema([
-    ("image_uri", pa.string()), ("country", pa.string()), ("city", pa.string()), ("lat", pa.float64()),
-    ("lon", pa.float64()), ("confidence", pa.float32()), ("reasons", pa.string()), ("raw_text", pa.string()),
-    ("error", pa.string()), ("model_version", pa.string()),
-])
+OUTPUT_FILE = "answers.parquet"
 
 
-class BaselineConfig(JobConfig):
+class BaselineConfig(inference.InferenceConfig):
     """Config of ``jobs/baseline_zeroshot.py``."""
 
     input: str = Field(..., description="a manifest (file or folder) or a prefix of images")
@@ -41,12 +37,7 @@ class BaselineConfig(JobConfig):
         "manifest", description="candidate countries/cities: those labelled in the manifest, or GeoNames' largest cities")
     countries: list[str] | None = Field(None, description="with candidates=geonames: ISO2 codes (default: every country)")
     cities_per_country: int = Field(20, ge=1, description="with candidates=geonames: most populous cities per country")
-    batch_size: int = Field(64, ge=1, description="images per model call")
     actor_pool_max: int = Field(1, ge=1, description="CLIP actors at most")
-    actor_cpus: float = Field(0.5, gt=0, description="CPUs per CLIP actor")
-    actor_gpus: float = Field(0.0, ge=0, description="GPUs per CLIP actor")
-
-    runtime_keys = ("batch_size", "actor_pool_max", "actor_cpus", "actor_gpus")
 
     def check_inputs(self) -> None:
         if not storage.exists(self.input):
@@ -88,17 +79,16 @@ def images_and_candidates(cfg: BaselineConfig) -> tuple[list[str], dict[str, lis
     return uris, candidates
 
 
-class BaselineActor:
-    """Holds the CLIP model and the encoded prompts; answers a batch of decoded images."""
+class ZeroShotClip:
+    """The CLIP model and the encoded prompts, as the engine's model: an image array -> its answer."""
 
-    def __init__(self, model: str, candidates: dict, device: str, storage_cfg: dict):
+    def __init__(self, model: str, candidates: dict, device: str):
         import torch
 
         from georeasoner.clip.model import load_clip
         from georeasoner.core.packages import read_card
         from georeasoner.geo import country_name
 
-        storage.configure(**storage_cfg)
         self.torch = torch
         self.model, self.preprocess, tokenizer = load_clip(model, device)
         self.version = read_card(model)["version"]
@@ -115,83 +105,52 @@ class BaselineActor:
     def _encode(self, tokenizer, prompts: list[str]):
         return self.model.encode_text(tokenizer(prompts).to(self.device), normalize=True)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(self, arrays: list[np.ndarray]) -> list[dict[str, Any]]:
         from PIL import Image
 
         from georeasoner.geo import country_centroid
 
-        n = len(batch["image_uri"])
-        out = {k: [None] * n for k in ("country", "city", "lat", "lon", "confidence", "reasons", "raw_text")}
-        errors = [e or None for e in batch["error"]]
-        ok = [i for i in range(n) if not errors[i]]
-        if ok:
-            try:
-                torch = self.torch
-                x = torch.stack([self.preprocess(Image.fromarray(batch["pixels"][i])) for i in ok]).to(self.device)
+        torch = self.torch
+        x = torch.stack([self.preprocess(Image.fromarray(a)) for a in arrays]).to(self.device)
+        with torch.no_grad():
+            feats = self.model.encode_image(x, normalize=True)
+            probs = (self.scale * feats @ self.country_text.T).softmax(-1).cpu().numpy()
+        out = []
+        for row in range(len(arrays)):
+            k = int(probs[row].argmax())
+            code = self.countries[k]
+            answer: dict[str, Any] = {"country": code, "city": None, "confidence": float(probs[row, k])}
+            lat_lon, city_note = country_centroid(code), ""
+            if code in self.city_text:
                 with torch.no_grad():
-                    feats = self.model.encode_image(x, normalize=True)
-                    probs = (self.scale * feats @ self.country_text.T).softmax(-1).cpu().numpy()
-                for row, i in enumerate(ok):
-                    k = int(probs[row].argmax())
-                    code = self.countries[k]
-                    out["country"][i], out["confidence"][i] = code, float(probs[row, k])
-                    lat_lon = country_centroid(code)
-                    city_note = ""
-                    if code in self.city_text:
-                        with torch.no_grad():
-                            j = int((feats[row] @ self.city_text[code].T).argmax())
-                        city = self.cities[code][j]
-                        out["city"][i], lat_lon = city["name"], (city["lat"], city["lon"])
-                        city_note = f", closest city prompt {city['name']}"
-                    if lat_lon:
-                        out["lat"][i], out["lon"][i] = float(lat_lon[0]), float(lat_lon[1])
-                    out["reasons"][i] = f"Zero-shot CLIP: the image matches 'A street view photo in {code}' best (p={probs[row, k]:.2f}){city_note}."
-                    out["raw_text"][i] = out["reasons"][i]
-            except Exception as exc:  # noqa: BLE001 - the rows get a model error, the job goes on
-                for i in ok:
-                    errors[i] = f"model: {type(exc).__name__}: {str(exc)[:200]}"
-                    for k in out:
-                        out[k][i] = None
-        return {"image_uri": batch["image_uri"], **{k: np.array(v, dtype=object) for k, v in out.items()},
-                "error": np.array([e or "" for e in errors], dtype=object),
-                "model_version": np.array([self.version] * n, dtype=object)}
+                    city = self.cities[code][int((feats[row] @ self.city_text[code].T).argmax())]
+                answer["city"], lat_lon = city["name"], (city["lat"], city["lon"])
+                city_note = f", closest city prompt {city['name']}"
+            if lat_lon:
+                answer["lat"], answer["lon"] = float(lat_lon[0]), float(lat_lon[1])
+            answer["reasons"] = answer["raw_text"] = (f"Zero-shot CLIP: the image matches 'A street view photo in {code}' "
+                                                      f"best (p={probs[row, k]:.2f}){city_note}.")
+            out.append(answer)
+        return out
 
 
 def run(cfg: BaselineConfig) -> dict:
-    """Answer every image; writes ``answers.parquet``."""
-    import ray
-
+    """Answer every image; writes ``answers.parquet`` (resumable parts while it runs)."""
     from georeasoner.clip.model import read_clip_config
     from georeasoner.core.packages import read_card
-    from georeasoner.core.raycluster import connect
-    from georeasoner.locatability.score import _decode_fn
 
     cfg.storage.apply()
     uris, candidates = images_and_candidates(cfg)
     if not uris:
         raise InputError(f"input error: input '{cfg.input}' holds no images for splits {cfg.splits}")
-    version = read_card(cfg.model)["version"]
     size = int(read_clip_config(cfg.model).get("preprocess_cfg", {}).get("size", 224))
-    job = JobRun(JOB, cfg, model_version=version, inputs={"input": cfg.input, "model": cfg.model}).start()
-    connect(cfg)
-    storage_cfg = cfg.storage.model_dump()
-    device = "cuda" if cfg.actor_gpus > 0 else "cpu"
-    ds = ray.data.from_items([{"image_uri": u} for u in uris], override_num_blocks=max(1, min(len(uris) // cfg.batch_size, 16)))
-    ds = ds.map_batches(_decode_fn(size, storage_cfg, 5, 8), batch_size=cfg.batch_size, num_cpus=cfg.actor_cpus / 2)
-    ds = ds.map_batches(BaselineActor, fn_constructor_args=(cfg.model, candidates, device, storage_cfg),
-                        batch_size=cfg.batch_size, num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus or None,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actor_pool_max))
-    progress = Progress(JOB, total=len(uris), unit="images")
-    rows: list[dict] = []
-    for batch in ds.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
-        n = len(batch["image_uri"])
-        for i in range(n):
-            row = {k: (batch[k][i] if k in batch else None) for k in ANSWER_SCHEMA.names}
-            row["error"] = row["error"] or None
-            rows.append(row)
-        progress.update(n)
-    table = pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA)
-    storage.write_parquet(table, job.path("answers.parquet"), schema_version=SCHEMA_VERSION)
-    errors = [e for e in table.column("error").to_pylist() if e]
-    return job.finish(counts={"items": table.num_rows, "answered": table.num_rows - len(errors), "errors": len(errors),
-                              "candidate_countries": len(candidates)})
+    adapter = inference.Adapter(JOB, ANSWER_SCHEMA, functools.partial(inference.decode_center_crop, size=size),
+                                functools.partial(ZeroShotClip, cfg.model, candidates, cfg.device), single_file=OUTPUT_FILE)
+    rows = [{"image_uri": u} for u in uris]
+    if cfg.dry_run:
+        return inference.dry_run(cfg, adapter, rows)
+    job = JobRun(JOB, cfg, model_version=read_card(cfg.model)["version"],
+                 inputs={"input": cfg.input, "model": cfg.model}).start()
+    return inference.run(job, cfg, adapter, rows,
+                         lambda table: ({"answered": table.column("error").null_count,
+                                         "candidate_countries": len(candidates)}, {}))

@@ -1,4 +1,4 @@
-"""Evaluation metrics pinned by CONVENTIONS › Metrics."""
+"""Evaluation metrics pinned by docs/conventions.md › Metrics."""
 
 from georeasoner.metrics.distance import THRESHOLDS_KM, distance_metrics, geoscore
 from georeasoner.metrics.location import city_metrics, country_metrics

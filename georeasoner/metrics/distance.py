@@ -1,4 +1,4 @@
-"""Distance metrics (CONVENTIONS › Metrics): accuracy within r km and GeoScore."""
+"""Distance metrics (docs/conventions.md › Metrics): accuracy within r km and GeoScore."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One parser for the model's answers (CONVENTIONS › Answers).
+"""One parser for the model's answers (docs/conventions.md › Answers).
 
 Accepts JSON, the paper's single-quoted pseudo-JSON (``{'country': 'Japan', 'city': 'Osaka'}``) and free
 text (``Country: Japan. City: Osaka.`` or a sentence naming a country). Country names become ISO2; lat/lon
@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 from typing import Any
 
-MAX_TEXT = 8000
+import pyarrow as pa
+
+MAX_TEXT = 8000  # characters kept of reasons / raw_text
+# The answers format (docs/schemas.md › answers): written by geolocate and baseline_zeroshot, read by evaluate.
+ANSWER_SCHEMA = pa.schema([
+    ("image_uri", pa.string()), ("country", pa.string()), ("city", pa.string()), ("lat", pa.float64()),
+    ("lon", pa.float64()), ("confidence", pa.float32()), ("reasons", pa.string()), ("raw_text", pa.string()),
+    ("error", pa.string()), ("model_version", pa.string()),
+])
+_ISO2 = re.compile(r"^[A-Z]{2}$")
 FIELDS = ("country", "city", "lat", "lon", "reasons", "confidence")
 _OBJECT = re.compile(r"\{.*\}", re.S)
 _KEYED = re.compile(r"""["']?(country|city|reasons?)["']?\s*[:=]\s*(?:"([^"]*)"|'([^']*)'|([^,.;\n}]*))""", re.I)
@@ -113,3 +123,29 @@ def _parse(text: Any) -> dict[str, Any]:
         if centroid:
             answer.update(lat=float(centroid[0]), lon=float(centroid[1]))
     return answer
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def clean_answer(answer: dict[str, Any]) -> dict[str, Any]:
+    """An answer held to the answers schema: country ISO2 upper case or None, lat/lon a valid pair or both
+    None, confidence in [0,1], reasons/raw_text strings (cut to ``MAX_TEXT``)."""
+    country = answer.get("country")
+    country = str(country).strip().upper() if country is not None else None
+    if not country or not _ISO2.match(country):
+        country = None
+    city = answer.get("city")
+    city = str(city).strip() or None if city is not None else None
+    lat, lon = _finite(answer.get("lat")), _finite(answer.get("lon"))
+    if lat is None or lon is None or not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
+        lat = lon = None
+    conf = _finite(answer.get("confidence"))
+    conf = 0.0 if conf is None else min(1.0, max(0.0, conf))
+    return {"country": country, "city": city, "lat": lat, "lon": lon, "confidence": conf,
+            "reasons": str(answer.get("reasons") or "")[:MAX_TEXT], "raw_text": str(answer.get("raw_text") or "")[:MAX_TEXT]}

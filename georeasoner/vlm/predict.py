@@ -75,7 +75,7 @@ class Geolocator:
         return self.loaded.version
 
     def answer(self, images: list, questions: list[str] | None = None) -> list[dict[str, Any]]:
-        """One answer dict per image: CONVENTIONS answer fields + ``raw_text``."""
+        """One answer dict per image: answer fields (docs/conventions.md › Answers) + ``raw_text``."""
         import torch
 
         if not images:
