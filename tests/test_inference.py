@@ -103,3 +103,21 @@ def test_one_spelling_of_the_pool_keys(job, config):
         assert cfg.actor_pool_min <= cfg.actor_pool_max
     with pytest.raises(Exception, match="actor_pool_max"):
         load_config(cls, str(REPO / "configs" / job / "local.yaml"), ["actor_pool_min=3", "actor_pool_max=2"])
+
+
+def test_blocks_are_sized_by_keys_and_actors_keep_their_cpus():
+    """Blocks hold a few batches whatever the key count (decoded pixels never pile up); decode tasks in flight
+    leave every model actor its CPUs, so the actors start before the decode tasks fill the machine."""
+    from georeasoner.evaluation.baseline import BaselineConfig
+
+    for n in (10, 5_000, 200_000):
+        keys = pa.table({"image_uri": [f"k{i}" for i in range(n)]})
+        blocks = inference.key_blocks(keys, batch_size=64)
+        assert sum(b.num_rows for b in blocks) == n and max(b.num_rows for b in blocks) == min(n, 64 * inference.BATCHES_PER_BLOCK)
+    for cpus, pool, actor_cpus, decode_cpus in [(2, 1, 0.5, 0.25), (2, 2, 0.5, 0.25), (16, 8, 1, 0.5), (2, 4, 0.5, 0.25)]:
+        cfg = BaselineConfig(input="x", model="m", output="o", actor_pool_max=pool, actor_cpus=actor_cpus,
+                             decode_cpus=decode_cpus)
+        tasks = inference.decode_tasks(cfg, cpus)
+        assert tasks >= 1
+        if pool * actor_cpus < cpus:
+            assert tasks * decode_cpus + pool * actor_cpus <= cpus

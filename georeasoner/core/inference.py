@@ -221,17 +221,22 @@ def part_uris(output: str) -> list[str]:
             if storage.basename(e.uri).startswith(PART_PREFIX)]
 
 
-def done_keys(output: str, single_file: str | None = None) -> set[str]:
-    """Keys already written by an earlier run; unreadable (half-written) parts are removed."""
-    done: set[str] = set()
+def done_keys(output: str, single_file: str | None = None) -> pa.ChunkedArray:
+    """Keys already written by an earlier run (read in parallel); unreadable parts are removed (redone)."""
+    uris = part_uris(output)
     if single_file and storage.is_file(storage.join(output, single_file)):
-        done.update(storage.read_parquet(storage.join(output, single_file), columns=["image_uri"]).column("image_uri").to_pylist())
-    for uri in part_uris(output):
+        uris.append(storage.join(output, single_file))
+
+    def keys(uri: str) -> pa.ChunkedArray | None:
         try:
-            done.update(storage.read_parquet(uri, columns=["image_uri"]).column("image_uri").to_pylist())
-        except Exception:  # noqa: BLE001 - a part cut short by a kill: its rows are processed again
+            return storage.read_parquet(uri, columns=["image_uri"]).column("image_uri")
+        except Exception:  # noqa: BLE001 - a part that does not read: its rows are processed again
             storage.remove(uri)
-    return done
+            return None
+
+    with ThreadPoolExecutor(16) as pool:
+        found = [k for k in pool.map(keys, uris) if k is not None]
+    return pa.chunked_array([c for k in found for c in k.chunks], type=pa.string())
 
 
 def next_part_index(output: str) -> int:
@@ -248,47 +253,72 @@ def steady_rate(marks: list[tuple[float, int]]) -> float | None:
 
 # -- the engine ------------------------------------------------------------------------------
 
-def _blocks(n: int, batch_size: int) -> int:
+BATCHES_PER_BLOCK = 4  # a block is a few batches: decoded pixels never pile up in the object store
+
+
+def key_blocks(keys: pa.Table, batch_size: int) -> list[pa.Table]:
+    """The keys cut into blocks of ``BATCHES_PER_BLOCK`` batches (by keys, whatever the cluster size)."""
+    size = max(1, batch_size * BATCHES_PER_BLOCK)
+    return [keys.slice(i, size) for i in range(0, keys.num_rows, size)]
+
+
+def decode_tasks(cfg: InferenceConfig, cpus: float) -> int:
+    """Decode tasks in flight: what the CPUs hold once every model actor has its share (the actors start first)."""
+    free = cpus - cfg.actor_pool_max * cfg.actor_cpus
+    return max(1, int(free / cfg.decode_cpus))
+
+
+def as_keys(rows: list[dict[str, Any]] | pa.Table, source: str) -> pa.Table:
+    """The job's keys as an Arrow table ``image_uri[, source]`` (a list of row dicts is accepted)."""
+    if isinstance(rows, list):
+        cols = {"image_uri": [r["image_uri"] for r in rows]}
+        if source != "image_uri":
+            cols[source] = [r.get(source) for r in rows]
+        rows = pa.table(cols)
+    names = ["image_uri"] + ([source] if source != "image_uri" else [])
+    return rows.select(names).cast(pa.schema([(n, pa.string()) for n in names]))
+
+
+def process(job: JobRun, cfg: InferenceConfig, adapter: Adapter, keys: pa.Table) -> tuple[Progress, list, float]:
+    """Write a part for every key not yet in ``job.output``; returns the progress, the (time, done) marks and the
+    seconds the driver spent writing parts."""
     import ray
 
-    return max(1, min(n // max(batch_size, 1), 4 * int(ray.cluster_resources().get("CPU", 2)) + 1))
-
-
-def process(job: JobRun, cfg: InferenceConfig, adapter: Adapter, rows: list[dict[str, Any]]) -> tuple[Progress, list]:
-    """Write a part for every row not yet in ``job.output``; returns the progress and the (time, done) marks."""
-    import ray
-
-    from georeasoner.core.raycluster import connect
+    from georeasoner.core.raycluster import cluster_cpus, connect
 
     done = done_keys(job.output, adapter.single_file)
-    todo = [r for r in rows if r["image_uri"] not in done]
-    if not todo:
-        print(f"{adapter.job}: '{job.output}' is already complete ({len(rows)} keys written)", flush=True)
-    elif len(todo) < len(rows):
-        print(f"{adapter.job}: resuming, {len(rows) - len(todo)} of {len(rows)} keys already written", flush=True)
-    progress, marks = Progress(adapter.job, total=len(todo), unit="images"), []
-    if not todo:
-        return progress, marks
+    todo = keys.filter(pc.invert(pc.is_in(keys.column("image_uri"), value_set=done))) if len(done) else keys
+    if not todo.num_rows:
+        print(f"{adapter.job}: '{job.output}' is already complete ({keys.num_rows} keys written)", flush=True)
+    elif todo.num_rows < keys.num_rows:
+        print(f"{adapter.job}: resuming, {keys.num_rows - todo.num_rows} of {keys.num_rows} keys already written", flush=True)
+    progress, marks, writing = Progress(adapter.job, total=todo.num_rows, unit="images"), [], 0.0
+    if not todo.num_rows:
+        return progress, marks, writing
     connect(cfg)
     storage_cfg = cfg.storage.model_dump()
-    items = [{"image_uri": r["image_uri"], adapter.source: r.get(adapter.source) or ""} for r in todo]
-    ds = ray.data.from_items(items, override_num_blocks=_blocks(len(items), cfg.batch_size))
+    if adapter.source not in todo.column_names:
+        todo = todo.append_column(adapter.source, todo.column("image_uri"))
+    ds = ray.data.from_arrow(key_blocks(todo, cfg.batch_size))
     # Ray Data fuses a task stage into the next actor stage when their resource requests match, which
     # would decode serially inside the model actors: keep the two requests distinct.
     decode_cpus = cfg.decode_cpus if (cfg.decode_cpus != cfg.actor_cpus or cfg.actor_gpus) else cfg.decode_cpus * 0.99
     ds = ds.map_batches(_decode_fn(adapter.source, storage_cfg, cfg.read_retries, cfg.read_threads, adapter.decode),
-                        batch_size=cfg.batch_size, num_cpus=decode_cpus)
+                        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=decode_cpus,
+                        compute=ray.data.TaskPoolStrategy(size=decode_tasks(cfg, cluster_cpus())))
     ds = ds.map_batches(ModelStage, fn_constructor_args=(adapter.load, adapter.schema, storage_cfg),
                         batch_size=cfg.batch_size, num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus or None,
                         compute=ray.data.ActorPoolStrategy(min_size=cfg.actor_pool_min, max_size=cfg.actor_pool_max))
     part = next_part_index(job.output)
     for table in ds.iter_batches(batch_size=cfg.rows_per_part, batch_format="pyarrow", prefetch_batches=1):
+        started = time.monotonic()
         table = table.select(adapter.schema.names).cast(adapter.schema)
         storage.write_parquet(table, job.path(f"{PART_PREFIX}{part:06d}.parquet"), schema_version=SCHEMA_VERSION)
+        writing += time.monotonic() - started
         part += 1
         progress.update(table.num_rows)
         marks.append((time.monotonic(), progress.done))
-    return progress, marks
+    return progress, marks, writing
 
 
 def written(output: str, adapter: Adapter) -> pa.Table:
@@ -303,40 +333,44 @@ def written(output: str, adapter: Adapter) -> pa.Table:
     return pa.concat_tables(tables) if tables else adapter.schema.empty_table()
 
 
-def common_counts(table: pa.Table, keys: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+def common_counts(table: pa.Table, keys: pa.Array | pa.ChunkedArray) -> tuple[dict[str, int], dict[str, int]]:
     """(counts every inference job reports, errors by kind) of the written rows against the selected keys."""
-    seen = table.column("image_uri").to_pylist()
-    selected, have = set(keys), set(seen)
-    errors = Counter(error_kind(e) for e in table.column("error").to_pylist() if e)
-    counts = {"items": len(seen), "listed": len(keys), "errors": int(sum(errors.values())),
-              "duplicates": len(seen) - len(have), "missing": len(selected - have), "not_listed": len(have - selected)}
-    return counts, dict(sorted(errors.items()))
+    seen = table.column("image_uri")
+    distinct = pc.count_distinct(seen).as_py()
+    errors = table.column("error").drop_null()
+    kinds = Counter(error_kind(e) for e in errors.to_pylist())  # error rows only
+    counts = {"items": table.num_rows, "listed": len(keys), "errors": len(errors), "duplicates": table.num_rows - distinct,
+              "missing": int(pc.sum(pc.invert(pc.is_in(keys, value_set=seen))).as_py() or 0),
+              "not_listed": int(pc.sum(pc.invert(pc.is_in(seen, value_set=keys))).as_py() or 0)}
+    return counts, dict(sorted(kinds.items()))
 
 
-def run(job: JobRun, cfg: InferenceConfig, adapter: Adapter, rows: list[dict[str, Any]],
+def run(job: JobRun, cfg: InferenceConfig, adapter: Adapter, rows: list[dict[str, Any]] | pa.Table,
         summarise: Callable[[pa.Table], tuple[dict[str, Any], dict[str, Any]]] | None = None) -> dict[str, Any]:
-    """Process ``rows`` (dicts with ``image_uri`` and the adapter's source column) on the started ``job`` and
-    finish it: ``summarise(table)`` gives the job's own (counts, extra summary keys)."""
-    progress, marks = process(job, cfg, adapter, rows)
+    """Process the keys (``image_uri`` and the adapter's source column; row dicts or an Arrow table) on the started
+    ``job`` and finish it: ``summarise(table)`` gives the job's own (counts, extra summary keys)."""
+    keys = as_keys(rows, adapter.source)
+    progress, marks, writing = process(job, cfg, adapter, keys)
     table = written(job.output, adapter)
-    keys = [r["image_uri"] for r in rows]
-    counts, errors = common_counts(table, keys)
+    counts, errors = common_counts(table, keys.column("image_uri"))
     own_counts, extra = summarise(table) if summarise else ({}, {})
-    if adapter.single_file:
-        order = {k: i for i, k in enumerate(keys)}
-        index = sorted(range(table.num_rows), key=lambda i: order.get(table.column("image_uri")[i].as_py(), len(order)))
-        storage.write_parquet(table.take(index), job.path(adapter.single_file), schema_version=SCHEMA_VERSION)
+    if adapter.single_file:  # in key order, once each
+        where = pc.index_in(table.column("image_uri"), value_set=keys.column("image_uri"))
+        order = pc.sort_indices(pa.table({"i": where}), sort_keys=[("i", "ascending")])
+        storage.write_parquet(table.take(order), job.path(adapter.single_file), schema_version=SCHEMA_VERSION)
         for uri in part_uris(job.output):  # their rows now live in the single file
             storage.remove(uri)
     return job.finish(counts={**counts, **own_counts}, errors_by_kind=errors,
-                      images_per_s_this_run=round(progress.rate, 2), steady_images_per_s=steady_rate(marks), **extra)
+                      images_per_s_this_run=round(progress.rate, 2), steady_images_per_s=steady_rate(marks),
+                      driver_write_seconds=round(writing, 2), **extra)
 
 
-def dry_run(cfg: InferenceConfig, adapter: Adapter, rows: list[dict[str, Any]], total_bytes: int | None = None,
-            **extra: Any) -> dict[str, Any]:
+def dry_run(cfg: InferenceConfig, adapter: Adapter, rows: list[dict[str, Any]] | pa.Table,
+            total_bytes: int | None = None, **extra: Any) -> dict[str, Any]:
     """Count, time decode + model on a sample in one process (a Ray task with the actors' GPU when they get
     one), and estimate the run time with the pool at its largest. Writes nothing."""
-    sample = rows[: cfg.dry_run_sample]
+    keys = as_keys(rows, adapter.source)
+    sample = keys.slice(0, cfg.dry_run_sample).to_pylist()
     args = (adapter, sample, cfg.storage.model_dump(), cfg.read_retries, cfg.batch_size)
     if cfg.actor_gpus > 0:  # measure where the work will run
         import ray
@@ -348,13 +382,13 @@ def dry_run(cfg: InferenceConfig, adapter: Adapter, rows: list[dict[str, Any]], 
     else:
         rate = time_sample(*args)
     parallel = cfg.actor_pool_max
-    estimate = len(rows) / (rate * parallel) if rate > 0 else None
-    info = {"keys": len(rows), "bytes": total_bytes, **extra, "sample": len(sample),
+    estimate = keys.num_rows / (rate * parallel) if rate > 0 else None
+    info = {"keys": keys.num_rows, "bytes": total_bytes, **extra, "sample": len(sample),
             "sample_images_per_s": round(rate, 2), "actors": parallel,
             "estimated_seconds": round(estimate, 1) if estimate else None}
     size = f", {total_bytes / 1e6:.1f} MB" if total_bytes is not None else ""
     eta = f"; with {parallel} actor(s) ≈ {estimate:.0f} s" if estimate else ""
-    print(f"{adapter.job} dry run: {len(rows)} keys{size}; measured {rate:.2f} images/s in one process "
+    print(f"{adapter.job} dry run: {keys.num_rows} keys{size}; measured {rate:.2f} images/s in one process "
           f"on {len(sample)} images{eta}", flush=True)
     return info
 

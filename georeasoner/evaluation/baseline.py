@@ -146,7 +146,7 @@ def run(cfg: BaselineConfig) -> dict:
     size = int(read_clip_config(cfg.model).get("preprocess_cfg", {}).get("size", 224))
     adapter = inference.Adapter(JOB, ANSWER_SCHEMA, functools.partial(inference.decode_center_crop, size=size),
                                 functools.partial(ZeroShotClip, cfg.model, candidates, cfg.device), single_file=OUTPUT_FILE)
-    rows = [{"image_uri": u} for u in uris]
+    rows = pa.table({"image_uri": pa.array(uris, pa.string())})
     if cfg.dry_run:
         return inference.dry_run(cfg, adapter, rows)
     job = JobRun(JOB, cfg, model_version=read_card(cfg.model)["version"],

@@ -17,12 +17,12 @@ failed) are answered, and counted as ``unscored``.
 from __future__ import annotations
 
 import functools
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from georeasoner.core import inference, storage
@@ -206,17 +206,17 @@ def model_version(ref: str, seed: int = 0) -> str:
 
 def summarise(sel: Selection):
     def own(table: pa.Table) -> tuple[dict[str, Any], dict[str, Any]]:
-        rows = table.select(["country", "lat", "confidence", "error"]).to_pylist()
-        ok = [r for r in rows if r["error"] is None]
-        answered = [r for r in ok if r["country"] is not None or r["lat"] is not None]
-        conf = [r["confidence"] for r in answered if r["confidence"] is not None]
-        counts: dict[str, Any] = {"answered": len(answered), "no_answer": len(ok) - len(answered),
-                                  "mean_confidence": round(float(np.mean(conf)), 4) if conf else None}
+        ok = table.filter(pc.is_null(table.column("error")))
+        answered = ok.filter(pc.or_(pc.is_valid(ok.column("country")), pc.is_valid(ok.column("lat"))))
+        conf = pc.mean(answered.column("confidence")).as_py() if answered.num_rows else None
+        counts: dict[str, Any] = {"answered": answered.num_rows, "no_answer": ok.num_rows - answered.num_rows,
+                                  "mean_confidence": round(conf, 4) if conf is not None else None}
         if sel.unscored is not None:
             counts.update(skipped_below_threshold=len(sel.skipped), unscored=sel.unscored,
                           mean_locatability=sel.mean_locatability)
-        countries = Counter(r["country"] for r in answered if r["country"])
-        return counts, {"countries": dict(countries.most_common(20))}
+        countries = pc.value_counts(answered.column("country").drop_null()).to_pylist()
+        top = sorted(((c["values"], c["counts"]) for c in countries), key=lambda kv: -kv[1])[:20]
+        return counts, {"countries": dict(top)}
 
     return own
 
@@ -231,7 +231,7 @@ def run(cfg: GeolocateConfig) -> dict:
         raise InputError(f"input error: input '{cfg.input}' selects no images"
                          + (f" (splits {cfg.splits})" if cfg.splits else "")
                          + (f" ({len(sel.skipped)} below min_locatability {cfg.min_locatability})" if sel.skipped else ""))
-    rows = [{"image_uri": u} for u in sel.uris]
+    rows = pa.table({"image_uri": pa.array(sel.uris, pa.string())})
     if cfg.dry_run:
         return inference.dry_run(cfg, adapter(cfg), rows, sel.total_bytes, skipped_below_threshold=len(sel.skipped))
     version = model_version(cfg.model, cfg.seed)

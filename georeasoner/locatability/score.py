@@ -95,7 +95,7 @@ def _student_info(model: str) -> tuple[str, int]:
 
 
 def summarise(table: pa.Table) -> tuple[dict[str, Any], dict[str, Any]]:
-    scores = np.array([s for s in table.column("locatability").to_pylist() if s is not None], dtype=np.float64)
+    scores = table.column("locatability").drop_null().to_numpy().astype(np.float64)
     hist, _ = np.histogram(scores, bins=10, range=(0.0, 1.0))
     print(f"  locatability histogram (0.0..1.0, 10 bins): {hist.tolist()}")
     return ({"scored": int(scores.size), "mean_locatability": round(float(scores.mean()), 4) if scores.size else None},
@@ -109,7 +109,7 @@ def run(cfg: ScoreConfig) -> dict:
     if not uris:
         raise InputError(f"input error: input '{cfg.input}' lists no keys")
     version, image_size = _student_info(cfg.model)
-    rows = [{"image_uri": u} for u in uris]
+    rows = pa.table({"image_uri": pa.array(uris, pa.string())})
     if cfg.dry_run:
         return inference.dry_run(cfg, adapter(cfg, image_size), rows, total_bytes)
     job = JobRun(JOB, cfg, model_version=version, inputs={"input": cfg.input, "model": cfg.model}).start()
