@@ -55,11 +55,11 @@ def _module_class():
 
 def build_student(config: dict[str, Any], visual=None):
     """A student from its config; ``visual`` is a CLIP image tower to start from (else built fresh)."""
-    if visual is None:
-        from open_clip.model import _build_vision_tower
+    if visual is None:  # open_clip's public CLIP class, of which only the image tower is kept
+        from open_clip.model import CLIP
 
         cfg = config["clip"]["model_cfg"]
-        visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False))
+        visual = CLIP(**{k: cfg[k] for k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu") if k in cfg}).visual
     head = config["head"]
     return _module_class()(visual, head["in_dim"], head["hidden"])
 
