@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port
+from parquet_folders import assert_one_table
 from georeasoner.core import storage
 
 VENV_BIN = str(Path(sys.executable).parent)
@@ -160,6 +161,7 @@ def test_score_locatability_submitted(ray_head, tmp_path, world, student_package
     assert status == "SUCCEEDED", logs[-3000:]
     rows = storage.read_parquet(str(out)).to_pylist()
     assert len(rows) == 40 and len({r["image_uri"] for r in rows}) == 40
+    assert_one_table(out, 40)  # pandas, pyarrow, DuckDB
     assert all(r["error"] is None and 0.0 <= r["locatability"] <= 1.0 for r in rows)
     assert all(r["image_uri"].startswith(str(world / "images")) for r in rows)
     assert json.loads((out / "_SUCCESS.json").read_text())["model_version"].startswith("student-untrained-")
@@ -190,7 +192,7 @@ def test_tiny_finetune_submitted(ray_head, tmp_path, sft_sets):
     card = json.loads((out / "model_card.json").read_text())
     assert [a["name"] for a in card["adapters"]] == ["reasoning"]
     assert (out / card["adapters"][0]["path"] / "adapter_model.safetensors").is_file()
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     assert summary["counts"]["steps"] == 2 and summary["counts"]["workers"] == workers
     assert f"{workers} worker(s)" in logs and "step 2/2" in logs
 
