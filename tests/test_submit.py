@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -290,6 +291,26 @@ def test_pipeline_submitted_twice_skips_what_is_done(ray_head, tmp_path):
         assert f"{stage}: up to date, skipped" in logs, logs[-3000:]
     assert "ran 0 stage(s) [], skipped 3" in logs
     print(f"pipeline via ray job submit: first {first:.0f}s, again {again:.0f}s (all skipped)")
+
+
+# `serve run|deploy …` / `ray job … …` as the docs write them (a bare mention in prose has no arguments)
+RAY_COMMAND = re.compile(r"\b(?:serve (?:run|deploy|status|shutdown)|ray job (?:submit|status|logs|stop|list))((?: [^`\n]*)?)")
+
+
+def test_documented_ray_commands_name_the_ray_they_use():
+    """Without an address they join whatever Ray's address file names: a stopped head's makes them hang."""
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "cluster").rglob("*.yaml")),
+            *sorted((REPO / "configs" / "serve").glob("*.yaml"))]
+    commands, implicit = 0, []
+    for path in docs:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for m in RAY_COMMAND.finditer(line):
+                args = m.group(1).split()
+                if any(a.startswith(("-", "<", "$")) or a.endswith(".yaml") for a in args):
+                    commands += 1
+                    if "--address" not in args:
+                        implicit.append(f"{path.relative_to(REPO)}:{n}: {m.group(0)[:90]}")
+    assert commands >= 8 and not implicit, implicit
 
 
 def test_stopped_head_leaves_no_ray_address_behind(head):
