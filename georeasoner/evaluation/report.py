@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from georeasoner.core import storage
-from georeasoner.core.images import ImageError, decode_image, resize_center_crop
+from georeasoner.core.images import decode_image, resize_center_crop
 from georeasoner.evaluation.metrics_table import reasoning_rows
 from georeasoner.metrics import THRESHOLDS_KM
 
@@ -49,7 +49,11 @@ class Thumbnails:
 
     @staticmethod
     def _store(uri: str) -> str | None:
-        return f"s3://{storage.split_s3(uri)[0]}" if storage.is_s3(uri) else None
+        """The bucket an S3 image lies in (local files are judged one by one)."""
+        if not storage.is_s3(uri):
+            return None
+        bucket = str(uri)[len("s3://"):].partition("/")[0]
+        return f"s3://{bucket}" if bucket else None
 
     def src(self, uri: str) -> str | None:
         """A ``data:`` URI of the image's thumbnail, or None (recorded in :attr:`unreadable`)."""
@@ -65,7 +69,7 @@ class Thumbnails:
             return None
         try:
             img = resize_center_crop(decode_image(storage.read_bytes(uri, quick=True)), THUMB)
-        except ImageError as exc:
+        except ValueError as exc:  # ImageError (not an image, truncated, too many pixels) or a URI naming no bucket
             self.unreadable[uri] = str(exc)
             return None
         except storage.read_errors() as exc:
