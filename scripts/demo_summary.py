@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 
 from georeasoner.core import storage
+from georeasoner.core.outputs import SUCCESS_FILE, read_summary
 
 
 def _success(folder: str) -> dict | None:
-    marker = storage.join(folder, "_SUCCESS.json")
-    return storage.read_json(storage.join(folder, "summary.json")) if storage.is_file(marker) else None
+    """A finished stage's summary (``_summary.json``, or ``summary.json`` in outputs of older runs)."""
+    return read_summary(folder) if storage.is_file(storage.join(folder, SUCCESS_FILE)) else None
 
 
 def main(root: str) -> None:

@@ -99,10 +99,13 @@ def world(ray_session, tmp_path_factory) -> Path:
     return out
 
 
-def run_job(job: str, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python jobs/<job>.py ARGS`` as a user would (used where the process boundary is the point)."""
+def run_job(job: str, *args: str, env: dict | None = None, timeout: float = 300,
+            unset: list[str] | tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ``python jobs/<job>.py ARGS`` as a user would (used where the process boundary is the point);
+    ``unset`` names variables of this process the job must not see."""
     full_env = {**os.environ, **(env or {})}
-    full_env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", *unset):
+        full_env.pop(name, None)
     return subprocess.run(
         [sys.executable, str(REPO / "jobs" / f"{job}.py"), *args],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from parquet_folders import assert_one_table
 from georeasoner.core import storage
 from georeasoner.evaluation.baseline import BaselineConfig, run
 from georeasoner.world import facts
@@ -27,6 +28,7 @@ def test_baseline_answers_every_test_image(ray_session, world, tmp_path):
     rows = storage.read_parquet(str(tmp_path / "b" / "answers.parquet")).to_pylist()
     test = [r for r in storage.read_parquet(str(world / "manifest.parquet")).to_pylist() if r["split"] == "test"]
     assert {r["image_uri"] for r in rows} == {r["image_uri"] for r in test} and len(rows) == len(test)
+    assert_one_table(tmp_path / "b", len(test))
     labelled = {(r["country"], r["city"]) for r in storage.read_parquet(str(world / "manifest.parquet")).to_pylist()}
     for r in rows:
         assert r["error"] is None and r["country"] in facts.COUNTRY_BY_ISO2

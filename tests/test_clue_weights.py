@@ -39,7 +39,7 @@ def test_file_holds_150_weights_in_unit_range(world, weights_dir, record):
     records = [json.loads(line) for line in (world / "clues.jsonl").read_text().splitlines()]
     texts = {r["text"] for r in records if not r.get("observation")}
     assert record["n_texts"] == len(texts) > 300
-    summary = json.loads((weights_dir / "summary.json").read_text())
+    summary = json.loads((weights_dir / "_summary.json").read_text())
     assert summary["counts"]["classes"] == 150 and summary["model_version"].startswith("builtin:all-MiniLM-L6-v2@")
     assert (weights_dir / "_SUCCESS.json").is_file()
     assert np.array_equal(read_class_weights(str(weights_dir)), weights)

@@ -208,7 +208,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(sft, tmp_path):
     assert 4 <= step < 12 and step % 4 == 0
     lr = float(resumed[0].split("(lr ")[1].rstrip(")"))
     assert lr == pytest.approx(0.01 * lr_lambda(12, 3)(step), rel=1e-2)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     assert summary["counts"]["steps"] == 12
     assert adapter_norms(str(out))["reasoning"] > 0
 

@@ -27,6 +27,7 @@ from georeasoner.core.packages import read_card
 from georeasoner.core.runner import main
 from georeasoner.geolocate.batch import JOB, SKIPPED_FILE, GeolocateConfig, VLMModel, decode_downsized, run, select_keys
 from georeasoner.vlm.answers import ANSWER_SCHEMA, clean_answer
+from parquet_folders import assert_one_table
 from samples import bad_files, cut_jpeg, good_files
 
 TOKENS = 12  # max_new_tokens: the untrained tiny VLM babbles; short answers keep the module fast
@@ -108,7 +109,7 @@ def test_mixed_bucket_every_key_once_then_resume(ray_session, bucket, vlm_packag
     assert summary["errors_by_kind"] == {"empty": 1, "truncated": 2, "not_an_image": 2, "too_many_pixels": 1}
     assert c["answered"] + c["no_answer"] + c["errors"] == len(expected)
     assert storage.read_json(f"{out}/_SUCCESS.json")["model_version"] == version
-    assert storage.read_json(f"{out}/summary.json")["counts"] == c
+    assert storage.read_json(f"{out}/_summary.json")["counts"] == c
     # started again on the same output, nothing deleted: nothing to do, same rows, no new part
     again = run(cfg)
     assert again["counts"]["items"] == len(expected) and again["counts"]["duplicates"] == 0
@@ -139,6 +140,7 @@ def test_manifest_split_and_locatability_threshold(ray_session, world, vlm_packa
     _check(out2, {u: None for u in kept}, version)
     c = summary["counts"]
     assert c["items"] == len(kept) and c["skipped_below_threshold"] == len(below) and c["unscored"] == 3
+    assert_one_table(out2, len(kept))  # the answers, not _skipped.parquet beside them
     skipped = storage.read_parquet(str(tmp_path / "answers-locatable" / SKIPPED_FILE)).to_pylist()
     assert {r["image_uri"] for r in skipped} == set(below) and all(r["locatability"] < 0.5 for r in skipped)
     # another threshold on the same output would mix two key sets: refused before any work

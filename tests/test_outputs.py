@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 
 from georeasoner.core import storage
-from georeasoner.core.outputs import JobRun, OutputConflict, is_complete
+from georeasoner.core.outputs import SUMMARY_FILE, JobRun, OutputConflict, is_complete, read_summary
+from parquet_folders import assert_one_table
 from georeasoner.world.make import MakeWorldConfig
 
 
@@ -24,7 +26,8 @@ def test_markers_and_summary(tmp_path):
     assert success["counts"] == {"items": 5} and success["code_version"].startswith("0.1.0+")
     for key in ("started", "ended", "input_fingerprint", "model_version", "config"):
         assert key in success
-    assert storage.read_json(job.path("summary.json"))["errors_by_kind"] == {"empty": 1}
+    assert storage.read_json(job.path("_summary.json"))["errors_by_kind"] == {"empty": 1}
+    assert not storage.exists(job.path("summary.json"))
     assert summary["counts"]["items"] == 5
     assert is_complete("make_world", cfg, inputs={})
     assert not is_complete("make_world", _cfg(tmp_path / "o", seed=3), inputs={})
@@ -69,3 +72,23 @@ def test_changed_upstream_is_a_conflict_and_not_complete(tmp_path):
     assert not is_complete("make_world", down_cfg)  # the upstream reran with another config
     with pytest.raises(OutputConflict, match="other inputs"):
         JobRun("make_world", down_cfg, inputs={"input": str(up)}).start()
+
+
+def test_summary_of_an_older_run_is_renamed_when_asked_and_read_meanwhile(tmp_path):
+    """A folder finished while the summary was ``summary.json`` still counts as complete (resume, pipeline skips),
+    and afterwards reads as one table: pandas and pyarrow refuse a folder holding ``summary.json``."""
+    import pandas as pd
+
+    out = tmp_path / "o"
+    cfg = _cfg(out)
+    job = JobRun("make_world", cfg, inputs={}).start()
+    storage.write_parquet(pa.table({"a": [1, 2, 3]}), job.path("part-000000.parquet"))
+    job.finish(counts={"items": 3})
+    (out / SUMMARY_FILE).rename(out / "summary.json")  # as an older run left it
+    assert read_summary(str(out))["counts"] == {"items": 3}
+    with pytest.raises(Exception):
+        pd.read_parquet(out)
+    assert is_complete("make_world", cfg, inputs={})
+    assert not (out / "summary.json").exists() and read_summary(str(out))["counts"] == {"items": 3}
+    assert storage.read_json(job.path(SUMMARY_FILE))["job"] == "make_world"
+    assert_one_table(out, 3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO, run_job
+from parquet_folders import assert_one_table
 from georeasoner.core import storage
 from georeasoner.core.config import ConfigError
 from georeasoner.pipeline import PipelineConfig, plan, run
@@ -25,6 +26,7 @@ def test_skip_and_rerun(ray_session, tmp_path, capsys):
     first = run(_cfg(tmp_path))
     assert first["ran"] == ["make_world", "clue_weights", "teacher_labels"]
     assert storage.read_parquet(str(tmp_path / "teacher")).num_rows == 60
+    assert_one_table(tmp_path / "teacher", 60, ray_data=True)  # pandas, pyarrow, DuckDB, Ray Data
     again = run(_cfg(tmp_path))
     assert again["ran"] == [] and len(again["skipped"]) == 3
     assert "up to date, skipped" in capsys.readouterr().out

@@ -1,22 +1,26 @@
-"""report.html: self-contained (every image inlined and decodable), and renders in headless Chromium
-without making a single network request."""
+"""report.html: self-contained (every image inlined and decodable), renders in headless Chromium without making a
+single network request, and is still written (with placeholders) when the images cannot be reached."""
 
 from __future__ import annotations
 
 import base64
 import io
+import os
 import random
 import re
 import shutil
 import socket
 import subprocess
 import threading
+import time
+import uuid
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
 
+from conftest import free_port, run_job
 from georeasoner.core import storage
 from georeasoner.evaluation.evaluate import EvaluateConfig, run
 
@@ -104,3 +108,66 @@ def test_report_renders_in_headless_chromium_without_requests(report, tmp_path):
     assert img.shape[0] >= 2000 and img.std() > 20  # a page full of content, not a blank one
     rows_with_ink = np.mean(img.min(axis=1) < 200)
     assert rows_with_ink > 0.5
+
+
+def _elsewhere(tmp, world, report, prefix: str):
+    """The report fixture's manifest, answers and scores with every image URI moved under ``prefix``."""
+    src = report.parent.parent
+    moved = lambda t: t.set_column(t.schema.get_field_index("image_uri"), "image_uri", pa.array(  # noqa: E731
+        [prefix + u.lstrip("/") for u in t.column("image_uri").to_pylist()]))
+    for name, uri in (("m/manifest.parquet", str(world / "manifest.parquet")),
+                      ("answers.parquet", str(src / "answers.parquet")),
+                      ("scores/part-000000.parquet", str(src / "scores" / "part-000000.parquet"))):
+        storage.write_parquet(moved(storage.read_parquet(uri)), str(tmp / name))
+    return dict(input=str(tmp / "answers.parquet"), baseline=str(tmp / "answers.parquet"), manifest=str(tmp / "m"),
+                scores=str(tmp / "scores"))
+
+
+def _check_placeholders(out, reachable_report) -> dict:
+    """Every output written; the metrics those of the reachable run; each thumbnail a placeholder, counted."""
+    for name in ("metrics.json", "report.html", "_SUCCESS.json", "_summary.json"):
+        assert (out / name).is_file(), name
+    want = storage.read_json(str(reachable_report.parent / "metrics.json"))
+    got = storage.read_json(str(out / "metrics.json"))
+    assert got["results"] == want["results"] and got["n"] == want["n"] > 0
+    page = (out / "report.html").read_text()
+    assert 'src="data:image/jpeg' not in page and page.count('class="noimage"') == 8 + 8 + 8  # two grids, examples
+    assert 'id="unreadable-images"' in page and 'id="map"' in page and "Example answers" in page
+    summary = storage.read_json(str(out / "_summary.json"))
+    shown = summary["counts"]["report_images_unreadable"]
+    assert 8 <= shown <= 24 and len(summary["report_unreadable_images"]) == min(shown, 20)
+    return summary
+
+
+def test_unreachable_images_give_placeholders_and_the_same_metrics(world, report, s3_server, tmp_path):
+    # a bucket the S3 server does not have: NoSuchBucket for the first image, the others not tried
+    cfg = _elsewhere(tmp_path, world, report, f"s3://missing-{uuid.uuid4().hex[:8]}/")
+    run(EvaluateConfig(**cfg, output=str(tmp_path / "e-bucket")))
+    summary = _check_placeholders(tmp_path / "e-bucket", report)
+    assert "NoSuchBucket" in next(iter(summary["report_unreadable_images"].values()))
+
+    # an endpoint that refuses connections: fails fast (quick reads, the bucket given up after one image)
+    start = time.monotonic()
+    try:
+        run(EvaluateConfig(**cfg, output=str(tmp_path / "e-refused"),
+                           storage={"endpoint_url": f"http://127.0.0.1:{free_port()}"}))
+    finally:
+        storage.configure()  # the job applied its storage settings to this process
+    assert time.monotonic() - start < 60
+    summary = _check_placeholders(tmp_path / "e-refused", report)
+    assert "EndpointConnectionError" in next(iter(summary["report_unreadable_images"].values()))
+
+
+def test_evaluate_job_without_credentials_exits_0_with_placeholders(world, report, tmp_path):
+    """The CLI as the pipeline runs it, on a machine with no S3 credentials at all (NoCredentialsError)."""
+    cfg = _elsewhere(tmp_path, world, report, "s3://georeasoner-unreachable-bucket/")
+    env = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+           "AWS_CONFIG_FILE": str(tmp_path / "none")}
+    unset = [k for k in os.environ if k.startswith("AWS_") and k not in (*env, "AWS_CA_BUNDLE")]
+    proc = run_job("evaluate", "--config", "configs/evaluate/local.yaml", *[f"{k}={v}" for k, v in cfg.items()],
+                   "clues=null", "splits=null", "name=model", f"output={tmp_path / 'e'}", env=env, unset=unset,
+                   timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "shown as placeholders" in proc.stderr
+    summary = _check_placeholders(tmp_path / "e", report)
+    assert "NoCredentialsError" in next(iter(summary["report_unreadable_images"].values()))

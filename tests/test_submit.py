@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port
+from parquet_folders import assert_one_table
 from georeasoner.core import storage
 
 VENV_BIN = str(Path(sys.executable).parent)
@@ -32,43 +38,103 @@ MESSAGE = ("import sys; from ray.job_submission import JobSubmissionClient as C;
            "print(C(sys.argv[1]).get_job_info(sys.argv[2]).message)")
 
 
+def _address_file() -> Path:
+    """Ray's address file in its default temp folder: what `ray.init()` or `serve run` without an address joins."""
+    from ray._common.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(None))
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
+
+
+def _is_live(address: str) -> bool:
+    host, _, port = address.strip().rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+class Head:
+    """A `ray start --head --block` of this module, in its own Ray temp folder, stopped by its own PID.
+
+    Its address file (`ray_current_cluster`) lies in that folder, so Ray's default one (`/tmp/ray/…`, which a plain
+    `serve run` or `ray.init()` joins) is never pointed at it; :meth:`stop` removes the folder and puts the default
+    address file back as it was, should anything have changed it.
+    """
+
+    def __init__(self, log_dir: Path):
+        self.default_file = _address_file()
+        self.default_before = _read(self.default_file)
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))  # short: Ray's socket paths live here
+        port, dash = free_port(), free_port()
+        self.env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+        self.env.pop("RAY_ADDRESS", None)
+        self.log = open(log_dir / "head.log", "wb")
+        self.proc = subprocess.Popen(
+            [f"{VENV_BIN}/ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+             f"--temp-dir={self.temp_dir}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             f"--num-cpus={HEAD_CPUS}", "--include-dashboard=true", f"--ray-client-server-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}"],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.gcs_port = port
+        self.address = f"http://127.0.0.1:{dash}"
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            probe = subprocess.run([f"{VENV_BIN}/ray", "job", "list", "--address", self.address], env=self.env,
+                                   capture_output=True, text=True)
+            if probe.returncode == 0:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray head exited: {Path(self.log.name).read_text()[-2000:]}")
+            time.sleep(2)
+        raise RuntimeError("ray head dashboard did not come up")
+
+    def stop(self) -> None:
+        """Stop the head and everything it started; remove its temp folder; restore Ray's default address file."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if _read(self.default_file) != self.default_before:
+            if self.default_before is None:
+                self.default_file.unlink(missing_ok=True)
+            else:
+                self.default_file.write_text(self.default_before)
+
+
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """`ray start --head --block` on 127.0.0.1 with token auth, stopped by its own PID.
+def head(tmp_path_factory):
+    """The module's head (`ray start` with token auth).
 
     `ray start` turns token auth on only with RAY_AUTH_MODE=token (or an existing ~/.ray/auth_token) and never
     generates a token itself: the fixture brings its own in RAY_AUTH_TOKEN, which the head, the jobs it starts and
     every client below share.
     """
-    port, dash = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    env.pop("RAY_ADDRESS", None)
-    log = open(tmp_path_factory.mktemp("head") / "head.log", "wb")
-    head = subprocess.Popen(
-        [f"{VENV_BIN}/ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={HEAD_CPUS}", "--include-dashboard=true",
-         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        probe = subprocess.run([f"{VENV_BIN}/ray", "job", "list", "--address", address], env=env, capture_output=True, text=True)
-        if probe.returncode == 0:
-            break
-        if head.poll() is not None:
-            raise RuntimeError(f"ray head exited: {Path(log.name).read_text()[-2000:]}")
-        time.sleep(2)
-    else:
-        raise RuntimeError("ray head dashboard did not come up")
-    yield address, env
-    os.killpg(head.pid, 15)
+    h = Head(tmp_path_factory.mktemp("head"))
     try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, 9)
-    log.close()
+        h.wait_ready()
+        yield h
+    finally:
+        h.stop()
+
+
+@pytest.fixture
+def ray_head(head):
+    """(dashboard address, client environment) of the module's head."""
+    return head.address, head.env
 
 
 def _runtime_env(tmp_path: Path, **env_vars: str) -> str:
@@ -160,6 +226,7 @@ def test_score_locatability_submitted(ray_head, tmp_path, world, student_package
     assert status == "SUCCEEDED", logs[-3000:]
     rows = storage.read_parquet(str(out)).to_pylist()
     assert len(rows) == 40 and len({r["image_uri"] for r in rows}) == 40
+    assert_one_table(out, 40)  # pandas, pyarrow, DuckDB
     assert all(r["error"] is None and 0.0 <= r["locatability"] <= 1.0 for r in rows)
     assert all(r["image_uri"].startswith(str(world / "images")) for r in rows)
     assert json.loads((out / "_SUCCESS.json").read_text())["model_version"].startswith("student-untrained-")
@@ -190,7 +257,7 @@ def test_tiny_finetune_submitted(ray_head, tmp_path, sft_sets):
     card = json.loads((out / "model_card.json").read_text())
     assert [a["name"] for a in card["adapters"]] == ["reasoning"]
     assert (out / card["adapters"][0]["path"] / "adapter_model.safetensors").is_file()
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     assert summary["counts"]["steps"] == 2 and summary["counts"]["workers"] == workers
     assert f"{workers} worker(s)" in logs and "step 2/2" in logs
 
@@ -224,3 +291,35 @@ def test_pipeline_submitted_twice_skips_what_is_done(ray_head, tmp_path):
         assert f"{stage}: up to date, skipped" in logs, logs[-3000:]
     assert "ran 0 stage(s) [], skipped 3" in logs
     print(f"pipeline via ray job submit: first {first:.0f}s, again {again:.0f}s (all skipped)")
+
+
+# `serve run|deploy …` / `ray job … …` as the docs write them (a bare mention in prose has no arguments)
+RAY_COMMAND = re.compile(r"\b(?:serve (?:run|deploy|status|shutdown)|ray job (?:submit|status|logs|stop|list))((?: [^`\n]*)?)")
+
+
+def test_documented_ray_commands_name_the_ray_they_use():
+    """Without an address they join whatever Ray's address file names: a stopped head's makes them hang."""
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "cluster").rglob("*.yaml")),
+            *sorted((REPO / "configs" / "serve").glob("*.yaml"))]
+    commands, implicit = 0, []
+    for path in docs:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for m in RAY_COMMAND.finditer(line):
+                args = m.group(1).split()
+                if any(a.startswith(("-", "<", "$")) or a.endswith(".yaml") for a in args):
+                    commands += 1
+                    if "--address" not in args:
+                        implicit.append(f"{path.relative_to(REPO)}:{n}: {m.group(0)[:90]}")
+    assert commands >= 8 and not implicit, implicit
+
+
+def test_stopped_head_leaves_no_ray_address_behind(head):
+    """Last in the module: once the head is stopped, a plain `serve run` / `ray.init()` on this machine does not
+    find an address that leads to a dead head (it would wait forever, "Failed to connect to GCS")."""
+    own = _read(head.temp_dir / "ray_current_cluster")  # the head wrote its address in its own folder
+    assert own and own.endswith(f":{head.gcs_port}"), own
+    head.stop()
+    assert not head.temp_dir.exists()
+    now = _read(head.default_file)
+    assert now is None or now == head.default_before or _is_live(now), f"{head.default_file} points at {now}"
+    assert now is None or not now.endswith(f":{head.gcs_port}"), f"{head.default_file} points at the stopped head"

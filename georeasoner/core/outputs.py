@@ -1,9 +1,14 @@
-"""Output folders: refuse to mix configs, mark completion with ``_SUCCESS.json``, write ``summary.json``.
+"""Output folders: refuse to mix configs, mark completion with ``_SUCCESS.json``, write ``_summary.json``.
 
 A job calls :meth:`JobRun.start` before any work and :meth:`JobRun.finish` at the end.
 ``_RUN.json`` records the config hash of the run that owns the folder, so a second run with
 the same config continues (resume), while one with another config is refused unless
 ``overwrite=true``.
+
+Every file a job writes beside its data starts with ``_`` (or ``.``), so a folder of Parquet parts reads as one
+table in pandas, pyarrow, Ray Data and DuckDB (all skip such names, DuckDB with the glob ``[!_.]*.parquet``).
+Outputs finished before the summary was renamed hold ``summary.json``: :func:`is_complete` renames it in a
+finished folder it is asked about, and :func:`read_summary` reads either name.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from georeasoner.core.versioning import code_version
 
 RUN_FILE = "_RUN.json"
 SUCCESS_FILE = "_SUCCESS.json"
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = "_summary.json"
+LEGACY_SUMMARY_FILE = "summary.json"  # the name before 2026-12: pandas and pyarrow could not read such folders
 
 
 class OutputConflict(ValueError):
@@ -139,7 +145,7 @@ class JobRun:
         }
 
     def finish(self, counts: dict[str, Any], errors_by_kind: dict[str, int] | None = None, **extra: Any) -> dict[str, Any]:
-        """Write ``summary.json`` and ``_SUCCESS.json``, print the summary, and return it."""
+        """Write ``_summary.json`` and ``_SUCCESS.json``, print the summary, and return it."""
         seconds = time.monotonic() - self._t0
         items = counts.get("items", counts.get("rows"))
         summary = {
@@ -153,6 +159,8 @@ class JobRun:
             **extra,
         }
         storage.write_json(self.path(SUMMARY_FILE), summary)
+        if storage.is_file(self.path(LEGACY_SUMMARY_FILE)):  # an older run's, resumed: its summary is this one now
+            storage.remove(self.path(LEGACY_SUMMARY_FILE))
         success = {
             **self._record(),
             "ended": _now(),
@@ -183,14 +191,40 @@ def is_complete(job: str, cfg: JobConfig, inputs: dict[str, str | None] | None =
     ``inputs`` defaults to the input URIs the finished run recorded: their producers' markers
     must still be the same.
     """
-    marker = storage.join(storage.absolute(cfg.output), SUCCESS_FILE)
+    output = storage.absolute(cfg.output)
+    marker = storage.join(output, SUCCESS_FILE)
     if not storage.is_file(marker):
         return False
     record = storage.read_json(marker)
     inputs = inputs if inputs is not None else record.get("inputs", {})
-    return (
+    complete = (
         record.get("job") == job
         and record.get("config_hash") == cfg.config_hash()
         and record.get("limit") == cfg.limit
         and record.get("input_fingerprint") == {k: fingerprint(v) for k, v in inputs.items()}
     )
+    if complete:
+        migrate_summary(output)  # the job that asked may read SUMMARY_FILE back next
+    return complete
+
+
+def migrate_summary(folder: str) -> None:
+    """Rename an older run's ``summary.json`` to ``_summary.json`` (written first, then the old one removed)."""
+    new, old = storage.join(folder, SUMMARY_FILE), storage.join(folder, LEGACY_SUMMARY_FILE)
+    if storage.is_file(new) or not storage.is_file(old):
+        return
+    try:
+        storage.write_bytes(new, storage.read_bytes(old))
+        storage.remove(old)
+    except storage.read_errors() as exc:  # e.g. a read-only bucket: the summary stays readable by read_summary
+        print(f"warning: could not rename '{old}' to '{SUMMARY_FILE}' ({type(exc).__name__}: {exc}); "
+              "pandas and pyarrow cannot read that folder as one table until it is renamed", file=sys.stderr, flush=True)
+
+
+def read_summary(folder: str) -> dict[str, Any] | None:
+    """A finished folder's summary (``_summary.json``, or an older run's ``summary.json``); None when absent."""
+    for name in (SUMMARY_FILE, LEGACY_SUMMARY_FILE):
+        uri = storage.join(folder, name)
+        if storage.is_file(uri):
+            return storage.read_json(uri)
+    return None

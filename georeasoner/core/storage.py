@@ -108,18 +108,22 @@ def _s3fs():
 
 
 
-@lru_cache(maxsize=4)
-def _boto_client_for(key: tuple):
+@lru_cache(maxsize=8)
+def _boto_client_for(key: tuple, quick: bool = False):
     import boto3
     from botocore.config import Config
 
     endpoint, reg = key
-    cfg = Config(retries={"max_attempts": 10, "mode": "adaptive"}, max_pool_connections=32)
+    if quick:  # one retry and short timeouts: an unreachable endpoint fails in seconds, not minutes
+        cfg = Config(retries={"total_max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=20,
+                     max_pool_connections=8)
+    else:
+        cfg = Config(retries={"max_attempts": 10, "mode": "adaptive"}, max_pool_connections=32)
     return boto3.client("s3", endpoint_url=endpoint, region_name=reg or "us-east-1", config=cfg)
 
 
-def _boto_client():
-    return _boto_client_for(_settings_key())
+def _boto_client(quick: bool = False):
+    return _boto_client_for(_settings_key(), quick)
 
 
 
@@ -160,11 +164,29 @@ def arrow_filesystem(uri: str):
 
 # -- bytes --------------------------------------------------------------------------------
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, quick: bool = False) -> bytes:
+    """A file's bytes. ``quick``: for reads a job can do without (report thumbnails), few retries and short
+    timeouts, so an unreachable endpoint costs seconds; failures raise one of :func:`read_errors`."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        return _boto_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return _boto_client(quick).get_object(Bucket=bucket, Key=key)["Body"].read()
     return Path(uri).read_bytes()
+
+
+def read_errors() -> tuple[type[BaseException], ...]:
+    """What :func:`read_bytes` raises when an object cannot be fetched: missing, denied, no credentials,
+    endpoint down or timing out (botocore's errors are not ``OSError``)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (OSError, BotoCoreError, ClientError)
+
+
+def is_missing_object(exc: BaseException) -> bool:
+    """True when ``exc`` says only that this one object is absent (the store itself answered)."""
+    if isinstance(exc, FileNotFoundError):
+        return True
+    response = getattr(exc, "response", None) or {}
+    return response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound")
 
 
 def write_bytes(uri: str, data: bytes) -> None:

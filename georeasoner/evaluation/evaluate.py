@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pyarrow as pa
@@ -137,16 +138,24 @@ def run(cfg: EvaluateConfig) -> dict:
                "manifest": cfg.manifest, "splits": cfg.splits, "results": results}
     storage.write_json(job.path("metrics.json"), metrics)
     print(format_table(results))
-    extra = {"metrics_json": job.path("metrics.json")}
+    extra: dict[str, Any] = {"metrics_json": job.path("metrics.json")}
+    main = results[cfg.name]
+    counts = {"items": len(truth), "answered": main["distance"]["answered"]}
     if cfg.report:
         from georeasoner.evaluation.metrics_table import aligned_answers
-        from georeasoner.evaluation.report import render_report
+        from georeasoner.evaluation.report import Thumbnails, render_report
 
         scores = read_scores(cfg.scores) if cfg.scores else None
+        thumbs = Thumbnails()
         page = render_report(cfg.name, results, truth, aligned_answers(truth, answers), scores, cfg.threshold,
-                             catalogue=catalogue, model_version=_model_version(cfg.input))
+                             catalogue=catalogue, model_version=_model_version(cfg.input), thumbs=thumbs)
         storage.write_text(job.path("report.html"), page)
         extra["report_html"] = job.path("report.html")
+        counts["report_images_unreadable"] = len(thumbs.unreadable)
+        if thumbs.unreadable:
+            first_uri, why = next(iter(thumbs.unreadable.items()))
+            extra["report_unreadable_images"] = dict(list(thumbs.unreadable.items())[:20])
+            print(f"{JOB}: report: {len(thumbs.unreadable)} image(s) not readable, shown as placeholders "
+                  f"(first: '{first_uri}': {why[:300]}); the metrics do not use pixels", file=sys.stderr, flush=True)
         print(f"report: {job.path('report.html')}")
-    main = results[cfg.name]
-    return job.finish(counts={"items": len(truth), "answered": main["distance"]["answered"]}, **extra)
+    return job.finish(counts=counts, **extra)

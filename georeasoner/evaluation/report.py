@@ -2,7 +2,8 @@
 
 Panels: the metrics table with the baseline beside it, a locatability histogram with the curation
 threshold, the most and least locatable images, a country confusion matrix, a world map of predictions
-vs truth (lines for errors), a reliability diagram, and example answers with their reasons.
+vs truth (lines for errors), a reliability diagram, and example answers with their reasons. An image the
+report cannot read (e.g. in a bucket this machine cannot reach) shows as a placeholder: the metrics never need it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from georeasoner.core import storage
-from georeasoner.core.images import ImageError, decode_image, resize_center_crop
+from georeasoner.core.images import decode_image, resize_center_crop
 from georeasoner.evaluation.metrics_table import reasoning_rows
 from georeasoner.metrics import THRESHOLDS_KM
 
@@ -32,14 +33,72 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _thumb(uri: str) -> str | None:
-    try:
-        img = resize_center_crop(decode_image(storage.read_bytes(uri)), THUMB)
-    except (ImageError, OSError, ValueError):
-        return None
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+class Thumbnails:
+    """Inlined thumbnails for the report's panels, or a placeholder where an image cannot be read.
+
+    The metrics never need pixels, so an image the report cannot fetch (a bucket this machine cannot reach, no
+    credentials, a missing or broken file) becomes a placeholder and is counted, never an error. Reads use the
+    storage layer's quick mode, and once a bucket fails for a reason beyond one missing object (unreachable
+    endpoint, no credentials, no such bucket, access denied) its other images are not tried again.
+    """
+
+    def __init__(self) -> None:
+        self.unreadable: dict[str, str] = {}  # image_uri -> why
+        self._down: dict[str, str] = {}  # bucket (or local) -> why every read there fails
+        self._cache: dict[str, str | None] = {}
+
+    @staticmethod
+    def _store(uri: str) -> str | None:
+        """The bucket an S3 image lies in (local files are judged one by one)."""
+        if not storage.is_s3(uri):
+            return None
+        bucket = str(uri)[len("s3://"):].partition("/")[0]
+        return f"s3://{bucket}" if bucket else None
+
+    def src(self, uri: str) -> str | None:
+        """A ``data:`` URI of the image's thumbnail, or None (recorded in :attr:`unreadable`)."""
+        if uri in self._cache:
+            return self._cache[uri]
+        self._cache[uri] = out = self._read(uri)
+        return out
+
+    def _read(self, uri: str) -> str | None:
+        store = self._store(uri)
+        if store in self._down:
+            self.unreadable[uri] = self._down[store]
+            return None
+        try:
+            img = resize_center_crop(decode_image(storage.read_bytes(uri, quick=True)), THUMB)
+        except ValueError as exc:  # ImageError (not an image, truncated, too many pixels) or a URI naming no bucket
+            self.unreadable[uri] = str(exc)
+            return None
+        except storage.read_errors() as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            self.unreadable[uri] = why
+            if store is not None and not storage.is_missing_object(exc):
+                self._down[store] = why
+            return None
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=80)
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    def img(self, uri: str) -> str:
+        """An ``<img>`` of the thumbnail, or a placeholder box saying why there is none."""
+        src = self.src(uri)
+        if src is not None:
+            return f'<img src="{src}" width="{THUMB}" height="{THUMB}" alt="">'
+        why = html.escape(self.unreadable.get(uri, "unreadable"), quote=True)
+        return (f'<div class="noimage" title="{html.escape(uri, quote=True)}: {why}">image not readable'
+                f"<br><small>{html.escape(storage.basename(uri))}</small></div>")
+
+    def notice(self) -> str:
+        """One paragraph for the page when some images could not be shown (empty otherwise)."""
+        if not self.unreadable:
+            return ""
+        reasons = sorted(set(self._down.values())) or sorted(set(self.unreadable.values()))[:3]
+        return (f'<p id="unreadable-images" class="notice">{len(self.unreadable)} image(s) could not be read for this '
+                f"report and show as placeholders (the metrics do not use pixels): "
+                f"{html.escape('; '.join(r[:300] for r in reasons))}</p>")
 
 
 @lru_cache(maxsize=1)
@@ -147,14 +206,9 @@ def reliability_png(calibration: dict[str, Any] | None) -> str | None:
     return _png(fig)
 
 
-def _grid(rows: list[dict], caption) -> str:
-    cells = []
-    for r in rows:
-        src = _thumb(r["image_uri"])
-        if src is None:
-            continue
-        cells.append(f'<figure><img src="{src}" width="{THUMB}" height="{THUMB}" alt="">'
-                     f"<figcaption>{html.escape(caption(r))}</figcaption></figure>")
+def _grid(rows: list[dict], caption, thumbs: Thumbnails) -> str:
+    cells = [f'<figure>{thumbs.img(r["image_uri"])}<figcaption>{html.escape(caption(r))}</figcaption></figure>'
+             for r in rows]
     return '<div class="grid">' + "".join(cells) + "</div>"
 
 
@@ -181,10 +235,11 @@ def reasons_html(reasons: str | None, present: list[str] | None, catalogue) -> s
 
 def render_report(name: str, results: dict[str, dict], truth: list[dict], preds: list[dict],
                   scores: dict[str, float] | None, threshold: float, n_examples: int = 8,
-                  catalogue=None, model_version: str | None = None) -> str:
-    """The whole page as one HTML string."""
+                  catalogue=None, model_version: str | None = None, thumbs: Thumbnails | None = None) -> str:
+    """The whole page as one HTML string; ``thumbs`` (when given) records the images that could not be shown."""
     from georeasoner.metrics.location import resolve_countries
 
+    thumbs = thumbs if thumbs is not None else Thumbnails()
     main = results[name]
     version = f"<p>model version <code>{html.escape(model_version)}</code></p>" if model_version else ""
     parts = [f"<h1>GeoReasoner evaluation: {html.escape(name)}</h1>", version, "<h2>Metrics</h2>",
@@ -193,8 +248,8 @@ def render_report(name: str, results: dict[str, dict], truth: list[dict], preds:
         values = np.array(list(scores.values()), dtype=float)
         ranked = sorted((r for r in truth if r["image_uri"] in scores), key=lambda r: -scores[r["image_uri"]])
         parts += ["<h2>Locatability</h2>", f'<img id="histogram" src="{histogram_png(values, threshold)}" alt="histogram">',
-                  "<h3>Most locatable</h3>", _grid(ranked[:8], lambda r: f"{r.get('country')} {scores[r['image_uri']]:.2f}"),
-                  "<h3>Least locatable</h3>", _grid(ranked[-8:], lambda r: f"{r.get('country')} {scores[r['image_uri']]:.2f}")]
+                  "<h3>Most locatable</h3>", _grid(ranked[:8], lambda r: f"{r.get('country')} {scores[r['image_uri']]:.2f}", thumbs),
+                  "<h3>Least locatable</h3>", _grid(ranked[-8:], lambda r: f"{r.get('country')} {scores[r['image_uri']]:.2f}", thumbs)]
     pred_cc = resolve_countries([p.get("country") for p in preds], [p.get("lat") for p in preds], [p.get("lon") for p in preds])
     parts += ["<h2>Countries</h2>", f'<img id="confusion" src="{confusion_png([t.get("country") for t in truth], pred_cc)}" alt="confusion">',
               "<h2>Map</h2>", f'<img id="map" src="{map_png(truth, preds)}" alt="map">']
@@ -205,14 +260,13 @@ def render_report(name: str, results: dict[str, dict], truth: list[dict], preds:
     if examples:
         parts.append("<h2>Example answers</h2>")
         for t, p in examples:
-            src = _thumb(t["image_uri"]) or ""
             conf = p.get("confidence")
             conf = f"{float(conf):.2f}" if isinstance(conf, (int, float)) and conf == conf else "–"
             clues = t.get("clues") if isinstance(t.get("clues"), list) else None
             shown = (f"<br><small>clues in the image: {html.escape(', '.join(clues) or 'none')}</small>"
                      if clues is not None and catalogue is not None else "")
             parts.append(
-                f'<div class="example"><img src="{src}" width="{THUMB}" height="{THUMB}" alt="">'
+                f'<div class="example">{thumbs.img(t["image_uri"])}'
                 f"<p><b>truth</b> {html.escape(str(t.get('country')))}, {html.escape(str(t.get('city')))}<br>"
                 f"<b>answer</b> {html.escape(str(p.get('country')))}, {html.escape(str(p.get('city')))}"
                 f" (confidence {conf})<br>"
@@ -221,6 +275,11 @@ def render_report(name: str, results: dict[str, dict], truth: list[dict], preds:
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
              ".grid{display:flex;flex-wrap:wrap;gap:6px}figure{margin:0;font-size:11px;text-align:center}"
              ".example{display:flex;gap:12px;align-items:flex-start;margin:8px 0}"
-             ".present{color:#1a7f37}.absent{color:#c0392b}.nocite{color:#666}small{color:#666}")
+             ".present{color:#1a7f37}.absent{color:#c0392b}.nocite{color:#666}small{color:#666}"
+             f".noimage{{width:{THUMB}px;height:{THUMB}px;flex:none;box-sizing:border-box;border:1px dashed #999;"
+             "background:#eee;color:#666;font-size:11px;display:flex;flex-direction:column;align-items:center;"
+             "justify-content:center;text-align:center;overflow:hidden;word-break:break-all}"
+             ".notice{background:#fff4e5;border-left:4px solid #e69500;padding:6px 10px}")
+    parts.insert(2, thumbs.notice())  # under the title, once every panel has tried its images
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>GeoReasoner evaluation</title>'
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
