@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# DuckDB reads every match of its glob: this one leaves out the sidecars (``_summary.json``, ``_skipped.parquet``)
-DUCKDB_GLOB = "[!_.]*.parquet"
+# DuckDB reads every match of its glob: the plain one, as a user types it (the only Parquet sidecar lives in ``_skipped/``)
+DUCKDB_GLOB = "*.parquet"
 
 
 def assert_one_table(folder: str | Path, rows: int, ray_data: bool = False) -> None:

@@ -140,7 +140,7 @@ def test_manifest_split_and_locatability_threshold(ray_session, world, vlm_packa
     _check(out2, {u: None for u in kept}, version)
     c = summary["counts"]
     assert c["items"] == len(kept) and c["skipped_below_threshold"] == len(below) and c["unscored"] == 3
-    assert_one_table(out2, len(kept))  # the answers, not _skipped.parquet beside them
+    assert_one_table(out2, len(kept))  # the answers, not _skipped/ beside them
     skipped = storage.read_parquet(str(tmp_path / "answers-locatable" / SKIPPED_FILE)).to_pylist()
     assert {r["image_uri"] for r in skipped} == set(below) and all(r["locatability"] < 0.5 for r in skipped)
     # another threshold on the same output would mix two key sets: refused before any work

@@ -9,8 +9,8 @@ run started again answers only the rest; a model failure on a batch is retried i
 Selection: a manifest's rows (optionally only ``splits``) or every key under a prefix; with ``scores`` and
 ``min_locatability``, only images whose locatability is >= the threshold. Images below it are not part of
 the job's key set, like rows of another split: they get no answer row; they are counted in the summary
-(``skipped_below_threshold``) and listed with their score in ``_skipped.parquet`` beside the parts (hidden, so
-readers of the answers folder never take it for answers). Images the scores do not cover (or whose scoring
+(``skipped_below_threshold``) and listed with their score in ``_skipped/skipped.parquet`` beside the parts (a hidden folder,
+so no reader of the answers folder, DuckDB's ``*.parquet`` glob included, takes it for answers). Images the scores do not cover (or whose scoring
 failed) are answered, and counted as ``unscored``.
 """
 
@@ -33,7 +33,7 @@ from georeasoner.core.outputs import JobRun
 from georeasoner.vlm.answers import ANSWER_SCHEMA, clean_answer
 
 JOB = "geolocate"
-SKIPPED_FILE = "_skipped.parquet"
+SKIPPED_FILE = "_skipped/skipped.parquet"
 MAKERS = {
     "input": "a prefix of images, or a manifest made by jobs/make_world.py or jobs/ingest.py",
     "model": "a VLM package made by jobs/finetune.py",
@@ -49,7 +49,7 @@ class GeolocateConfig(inference.InferenceConfig):
     splits: list[str] | None = Field(None, description="with a manifest input: only rows of these splits (e.g. [test]); default all rows")
     scores: str | None = Field(None, description="score_locatability output (or any Parquet with image_uri + locatability)")
     min_locatability: float | None = Field(
-        None, ge=0, le=1, description="with scores: answer only images scored >= this; those below are counted, listed in _skipped.parquet, not answered")
+        None, ge=0, le=1, description="with scores: answer only images scored >= this; those below are counted, listed in _skipped/skipped.parquet, not answered")
     max_side: int = Field(448, ge=28, description="decoded images are downsized so that their long side is <= this (aspect kept)")
     max_new_tokens: int = Field(192, ge=1, description="tokens generated per answer")
     dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] | None = Field(
