@@ -38,11 +38,11 @@ from fastapi.exceptions import RequestValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
-from georeasoner.core.images import ImageError, decode_image
+from georeasoner.core.images import ImageError, decode_image_sized
 from georeasoner.serve import inputs
-from georeasoner.serve.errors import ApiError, response
+from georeasoner.serve.errors import ApiError, ClientGone, response
 from georeasoner.serve.models import GeolocatorDeployment, ScorerDeployment
 from georeasoner.serve.settings import ConfigError, ServeSettings, parse_settings, resolve_models
 
@@ -58,6 +58,12 @@ api = FastAPI(title="georeasoner", description="Street-view geolocation with rea
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError):
     return response(exc)
+
+
+@api.exception_handler(ClientGone)
+async def _client_gone(request: Request, exc: ClientGone):
+    logger.info("client went away on %s %s: %s", request.method, request.url.path[:200], exc.why)
+    return Response(status_code=499)  # nginx's "client closed request": nobody reads it, the access log shows it
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -130,7 +136,7 @@ class Ingress:
         self.fallback_used = fallback_used
         self.token = ""
         if self.settings.auth_token_env:
-            self.token = os.environ.get(self.settings.auth_token_env, "")
+            self.token = os.environ.get(self.settings.auth_token_env, "").strip()  # a Secret file's trailing newline
             if not self.token and self.settings.auth_required:
                 raise RuntimeError(f"auth_required: environment variable {self.settings.auth_token_env} is unset "
                                    "or empty in the ingress replica")
@@ -139,6 +145,9 @@ class Ingress:
                                self.settings.auth_token_env)
         self._info: dict[str, Any] | None = None
         self.created = int(time.time())
+        s = self.settings
+        self.bodies = inputs.BodyGate(s.body_timeout_s, s.slow_body_s, s.max_slow_bodies)
+        self.decodes = asyncio.Semaphore(s.max_concurrent_decodes)
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -170,12 +179,12 @@ class Ingress:
         return await asyncio.to_thread(inputs.read_s3, source.uri, self.settings.max_bytes, source.param)
 
     def _decode(self, data: bytes, param: str):
+        side = self.settings.max_image_side
         try:
-            img = decode_image(data)
+            # reduced while decoding to >= 2x the side (as thumbnail's reducing_gap), then shrunk exactly
+            img, (width, height) = decode_image_sized(data, self.settings.max_pixels, reduce_to=2 * side)
         except ImageError as exc:
             raise ApiError.from_image_error(exc, param) from None
-        width, height = img.size
-        side = self.settings.max_image_side
         if max(img.size) > side:
             img.thumbnail((side, side))
         if max(img.size) > MAX_ASPECT * min(img.size):  # checked after the shrink, which rounds the short side
@@ -183,9 +192,20 @@ class Ingress:
                                                 "(the VLM's limit)", param, status=422)
         return img
 
+    async def _decode_in_turn(self, data: bytes, param: str):
+        async with self.decodes:
+            return await asyncio.to_thread(self._decode, data, param)
+
+    async def _decode_bounded(self, data: bytes, param: str):
+        """At most ``max_concurrent_decodes`` decodes at once. A decode thread cannot be stopped, so when the
+        request is cancelled (client gone) its slot is kept until the thread ends: the bound holds."""
+        task = asyncio.ensure_future(self._decode_in_turn(data, param))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a result nobody awaits is not an error
+        return await asyncio.shield(task)
+
     async def _answer(self, source: inputs.ImageSource) -> dict[str, Any]:
         data = await self._image_bytes(source)
-        img = await asyncio.to_thread(self._decode, data, source.param)
+        img = await self._decode_bounded(data, source.param)
         del data
         info = await self._info_cached()
         # one copy of the pixels in the object store, read by both model deployments
@@ -197,6 +217,8 @@ class Ingress:
         except asyncio.TimeoutError:
             raise ApiError("model_unavailable", f"no answer within {self.settings.request_timeout_s:.0f}s "
                                                 "(the service is overloaded)", status=503) from None
+        except ray.exceptions.TaskCancelledError:  # Serve's RequestCancelledError: the client went away
+            raise ClientGone("request cancelled while the models answered") from None
         except Exception as exc:  # noqa: BLE001 - a replica died or Serve refused: a server fault
             logger.exception("model call failed")
             raise ApiError("model_unavailable", f"the models could not be reached ({type(exc).__name__})",
@@ -241,7 +263,7 @@ class Ingress:
     @api.post("/geolocate")
     async def geolocate(self, request: Request):
         self._authorize(request)
-        body = await inputs.read_body(request, self.settings.max_bytes)
+        body = await inputs.read_body(request, self.settings.max_bytes, self.bodies)
         source = inputs.geolocate_source(request.headers.get("content-type"), body, self.settings)
         del body
         return await self._answer(source)
@@ -251,7 +273,7 @@ class Ingress:
         self._authorize(request)
         if inputs.media_type(request.headers.get("content-type")) not in ("application/json", ""):
             raise ApiError("unsupported_media_type", "send the chat request as application/json", status=415)
-        body = await inputs.read_body(request, self.settings.max_bytes)
+        body = await inputs.read_body(request, self.settings.max_bytes, self.bodies)
         obj = inputs.parse_json(body)
         del body
         info = await self._info_cached()
@@ -301,6 +323,11 @@ def make_app(settings: ServeSettings | dict[str, Any], options: dict[str, dict[s
                               f"must be >= its max_batch_size ({batch.max_batch_size})")
         return o
 
+    ingress_slots = options.get("Ingress", {}).get("max_ongoing_requests", Ingress.max_ongoing_requests)
+    if settings.max_slow_bodies >= ingress_slots:
+        raise ConfigError(f"config error: args.max_slow_bodies ({settings.max_slow_bodies}) must be below "
+                          f"deployments.Ingress.max_ongoing_requests ({ingress_slots}), or slow uploads can hold "
+                          "every request slot of the ingress")
     scorer = ScorerDeployment.options(**opts("Scorer", settings.scorer_batch)).bind(plain) if settings.scorer else None
     geo = GeolocatorDeployment.options(**opts("Geolocator", settings.geolocator)).bind(plain, scorer)
     return Ingress.options(**options.get("Ingress", {})).bind(geo, plain, settings.fallback_used)
