@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,46 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO / "tests"))  # samples.large_png: the tests' generator of small, huge PNGs
+sys.path.insert(0, str(REPO / "tests"))  # the tests' helpers: samples.large_png (small files, huge PNGs), hostile
 APP = "georeasoner-abuse"
 GIB = 1 << 30
-
-
-def ingress_process():
-    """The ingress replica's process (Ray titles actor processes ``ray::ServeReplica:<app>:<deployment>``)."""
-    import psutil
-
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info.get("cmdline") or []
-        if cmd and cmd[0].startswith(f"ray::ServeReplica:{APP}:Ingress"):
-            return proc
-    raise RuntimeError("no ingress replica process found")
-
-
-class RssPeak:
-    """The peak RSS of a process while the ``with`` block runs, sampled every 20 ms."""
-
-    def __init__(self, proc):
-        self.proc, self.base, self.peak = proc, proc.memory_info().rss, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.02)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def growth(self) -> int:
-        return max(0, self.peak - self.base)
 
 
 def post(url: str, data: bytes, timeout: float = 60, content_type: str = "image/png") -> tuple[int, float, str]:
@@ -89,8 +50,9 @@ def post(url: str, data: bytes, timeout: float = 60, content_type: str = "image/
 
 
 def memory_probe(base: str, image: bytes, clients: int) -> dict:
-    proc = ingress_process()
-    with RssPeak(proc) as rss, ThreadPoolExecutor(clients) as pool:
+    from hostile import RssPeak, ingress_process
+
+    with RssPeak(ingress_process(APP)) as rss, ThreadPoolExecutor(clients) as pool:
         start = time.monotonic()
         results = list(pool.map(lambda _: post(f"{base}/geolocate", image, timeout=120), range(clients)))
         took = time.monotonic() - start
@@ -104,15 +66,8 @@ def slow_probe(port: int, base: str, jpeg: bytes, clients: int, bound_s: float) 
     """``clients`` sockets each sending a 1000-byte body at 1 byte/s; a normal request and /healthz after 1 s."""
     import requests
 
-    header = (f"POST /geolocate HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/jpeg\r\n"
-              "Content-Length: 1000\r\n\r\n").encode()
-    socks = []
-    for _ in range(clients):
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        s.sendall(header)
-        s.setblocking(False)
-        socks.append(s)
-    start = time.monotonic()
+    from hostile import slow_uploads
+
     beside: dict[str, tuple] = {}
 
     def normal():
@@ -130,33 +85,9 @@ def slow_probe(port: int, base: str, jpeg: bytes, clients: int, bound_s: float) 
     helpers = [threading.Thread(target=f, daemon=True) for f in (normal, health)]
     for t in helpers:
         t.start()
-    ended: dict[int, tuple[str, float]] = {}
-    next_byte = start
-    while len(ended) < clients and time.monotonic() - start < bound_s:
-        open_ = {s.fileno(): i for i, s in enumerate(socks) if i not in ended}
-        readable, _, _ = select.select([socks[i] for i in open_.values()], [], [], 0.05)
-        for s in readable:
-            i = open_[s.fileno()]
-            try:
-                first = s.recv(4096).split(b"\r\n", 1)[0].decode("latin-1")
-            except OSError as exc:
-                first = f"reset ({type(exc).__name__})"
-            ended[i] = (first.split(" ")[1] if first.startswith("HTTP/") else first or "closed",
-                        time.monotonic() - start)
-            s.close()
-        if time.monotonic() >= next_byte:
-            next_byte += 1.0
-            for i, s in enumerate(socks):
-                if i not in ended:
-                    try:
-                        s.send(b"x")
-                    except OSError:
-                        pass  # closed by the server: its answer (if any) is read above
+    ended = slow_uploads(port, clients, bound_s)
     for t in helpers:
         t.join(timeout=60)
-    for i, s in enumerate(socks):
-        if i not in ended:
-            s.close()
     statuses: dict[str, int] = {}
     for status, _ in ended.values():
         statuses[status] = statuses.get(status, 0) + 1
@@ -193,10 +124,9 @@ def package_probe(tmp: Path) -> dict:
 
     from georeasoner.core import packages
 
-    port = socket.socket()
-    port.bind(("127.0.0.1", 0))
-    number = port.getsockname()[1]
-    port.close()
+    from bench_serve import free_port
+
+    number = free_port()
     log = open(tmp / "moto.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(number)],
                               stdout=log, stderr=subprocess.STDOUT)
@@ -229,21 +159,18 @@ def package_probe(tmp: Path) -> dict:
 
 
 def disconnect_probe(port: int, log_file: Path, clients: int) -> dict:
-    """``clients`` uploads that stop halfway and close the connection; then the ingress log since they began."""
+    """``clients`` uploads that stop halfway and hang up; then the ingress log since they began."""
+    from hostile import cut_uploads
+
     mark = log_file.stat().st_size
-    header = (f"POST /geolocate HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/jpeg\r\n"
-              "Content-Length: 200000\r\n\r\n").encode()
-    for _ in range(clients):
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(header + b"\xff" * 50_000)
-            time.sleep(0.2)  # the body read has begun
+    cut_uploads(port, clients)
     time.sleep(3)
     with open(log_file, "rb") as fh:
         fh.seek(mark)
         text = fh.read().decode("utf-8", "replace")
     tracebacks, unhandled = text.count("Traceback"), text.count("unhandled error")
-    gone = text.count("client went away")
-    return {"result": f"{clients} uploads cut: 'client went away' logged {gone}x",
+    gone, cancelled = text.count("client went away"), text.count("CANCELLED")
+    return {"result": f"{clients} uploads cut: 'client went away' logged {gone}x, access log CANCELLED {cancelled}x",
             "measure": f"Traceback {tracebacks}x, 'unhandled error' {unhandled}x in the ingress log",
             "ok": tracebacks == 0 and unhandled == 0}
 
@@ -312,9 +239,9 @@ def main() -> None:
         row = package_probe(tmp)
         row["probe"] = "s3 package with key vlm/../../escaped.txt"
         rows.append(("package copy", row))
-        session = Path(ray._private.worker._global_node.get_session_dir_path())
-        logs = sorted((session / "logs" / "serve").glob(f"replica_{APP}_Ingress_*.log"))
-        row = disconnect_probe(port, logs[-1], 20)
+        from hostile import ingress_log
+
+        row = disconnect_probe(port, ingress_log(APP), 20)
         row["probe"] = "20 uploads cut mid-body"
         rows.append(("disconnects", row))
         after = post(f"{base}/geolocate", jpeg, content_type="image/jpeg")

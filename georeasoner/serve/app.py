@@ -18,6 +18,13 @@ Endpoints:
 Every bad request gets a 4xx JSON error (:mod:`georeasoner.serve.errors`); uploaded images live only in memory
 for the request.
 
+Hostile clients are bounded per ingress replica (``args`` of the config, :class:`ServeSettings`): a body must
+arrive within ``body_timeout_s`` and at most ``max_slow_bodies`` may still be arriving after ``slow_body_s`` (408
+otherwise), so trickling clients cannot take every request slot; images declaring over ``max_pixels`` are refused
+from the header (422), the rest are reduced while decoding (JPEG DCT scaling, integer box reduction, 16-bit data
+converted band by band) and at most ``max_concurrent_decodes`` decode at once; a client that goes away is logged
+as one info line (status 499 in the access log), not as an error.
+
 No ``from __future__ import annotations`` here: FastAPI reads the route methods' annotations (``Request``) as
 objects once Serve's ingress has wrapped them. Helpers the ``Ingress`` calls are defined above the class.
 """
