@@ -87,6 +87,18 @@ def ingress_log(app: str) -> Path:
     return logs[-1]
 
 
+def log_since(path: Path, mark: int, done, timeout_s: float = 15.0) -> str:
+    """What was written to ``path`` after byte ``mark``, read again until ``done(text)`` or ``timeout_s``."""
+    deadline, text = time.monotonic() + timeout_s, ""
+    while True:
+        with open(path, "rb") as fh:
+            fh.seek(mark)
+            text = fh.read().decode("utf-8", "replace")
+        if done(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.3)
+
+
 class RssPeak:
     """The peak RSS of a process while the ``with`` block runs (sampled every 20 ms); ``growth`` above its start."""
 

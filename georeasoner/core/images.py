@@ -4,6 +4,10 @@ Kinds: ``empty``, ``truncated``, ``not_an_image``, ``too_many_pixels``, ``unread
 model stages). Any format Pillow decodes is accepted; every mode is converted to RGB (16-bit scaled, alpha
 dropped, CMYK converted) after applying EXIF orientation. The pixel limit is checked from the header, before
 any pixel is decoded.
+
+Memory: beyond the decoded image itself, a large image is converted a band of rows at a time (16-bit data never
+becomes a full-size float array, an RGB image is not copied), and with ``reduce_to`` it is shrunk while decoding
+(JPEG's DCT scaling, then an integer box reduction per band), so the result is small too.
 """
 
 from __future__ import annotations

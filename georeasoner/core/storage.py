@@ -74,8 +74,11 @@ def key_problem(key: str) -> str | None:
     decoded = key
     for _ in range(3):  # %252e%252e -> %2e%2e -> ..
         decoded = unquote(decoded)
-    if any(part in (".", "..") for part in decoded.replace("\\", "/").split("/")):
+    parts = decoded.replace("\\", "/").split("/")
+    if any(part in (".", "..") for part in parts):
         return "it has a '.' or '..' segment"
+    if decoded != key and "" in parts:
+        return "it has an empty segment once percent-decoded ('%2F%2F')"
     return None
 
 
