@@ -36,6 +36,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -154,7 +155,9 @@ class Ingress:
         self.created = int(time.time())
         s = self.settings
         self.bodies = inputs.BodyGate(s.body_timeout_s, s.slow_body_s, s.max_slow_bodies)
-        self.decodes = asyncio.Semaphore(s.max_concurrent_decodes)
+        # at most max_concurrent_decodes images decode at once, on threads of their own (few threads: few malloc
+        # arenas holding freed decode buffers)
+        self.decoder = ThreadPoolExecutor(s.max_concurrent_decodes, thread_name_prefix="decode")
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -199,20 +202,11 @@ class Ingress:
                                                 "(the VLM's limit)", param, status=422)
         return img
 
-    async def _decode_in_turn(self, data: bytes, param: str):
-        async with self.decodes:
-            return await asyncio.to_thread(self._decode, data, param)
-
-    async def _decode_bounded(self, data: bytes, param: str):
-        """At most ``max_concurrent_decodes`` decodes at once. A decode thread cannot be stopped, so when the
-        request is cancelled (client gone) its slot is kept until the thread ends: the bound holds."""
-        task = asyncio.ensure_future(self._decode_in_turn(data, param))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a result nobody awaits is not an error
-        return await asyncio.shield(task)
-
     async def _answer(self, source: inputs.ImageSource) -> dict[str, Any]:
         data = await self._image_bytes(source)
-        img = await self._decode_bounded(data, source.param)
+        # the decode pool's threads are the bound: a request cancelled mid-decode keeps its thread busy until the
+        # decode ends (a thread cannot be stopped); one cancelled while queued leaves the queue
+        img = await asyncio.get_running_loop().run_in_executor(self.decoder, self._decode, data, source.param)
         del data
         info = await self._info_cached()
         # one copy of the pixels in the object store, read by both model deployments
