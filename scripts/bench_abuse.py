@@ -161,15 +161,16 @@ def package_probe(tmp: Path) -> dict:
 def disconnect_probe(port: int, log_file: Path, clients: int) -> dict:
     """``clients`` uploads that stop halfway and hang up; then the ingress log (and the other Serve logs: the proxy,
     the models) since they began."""
-    from hostile import cut_uploads, log_since
+    from hostile import cut_uploads, ended, log_since
 
     marks = {p: p.stat().st_size for p in log_file.parent.glob("*.log")}
     cut_uploads(port, clients)
-    text = log_since(log_file, marks[log_file], lambda t: t.count("CANCELLED") >= clients, timeout_s=8)
+    text = log_since(log_file, marks[log_file], lambda t: ended(t) >= clients, timeout_s=8)
     others = "".join(log_since(p, mark, lambda t: True) for p, mark in marks.items() if p != log_file)
     tracebacks, unhandled = text.count("Traceback"), text.count("unhandled error")
-    gone, cancelled = text.count("client went away"), text.count("CANCELLED")
-    return {"result": f"{clients} uploads cut: 'client went away' logged {gone}x, access log CANCELLED {cancelled}x",
+    gone = text.count("client went away")
+    return {"result": f"{clients} uploads cut: 'client went away' logged {gone}x, access log 499/CANCELLED "
+                      f"{ended(text)}x",
             "measure": f"ingress log: Traceback {tracebacks}x, 'unhandled error' {unhandled}x; other Serve logs: "
                        f"Traceback {others.count('Traceback')}x",
             "ok": tracebacks == 0 and unhandled == 0 and "Traceback" not in others}

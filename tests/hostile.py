@@ -87,6 +87,11 @@ def ingress_log(app: str) -> Path:
     return logs[-1]
 
 
+def ended(log_text: str) -> int:
+    """Requests that Serve's access log shows as ended by their client: CANCELLED, or the ingress's 499."""
+    return log_text.count("CANCELLED") + log_text.count(" 499 ")
+
+
 def log_since(path: Path, mark: int, done, timeout_s: float = 15.0) -> str:
     """What was written to ``path`` after byte ``mark``, read again until ``done(text)`` or ``timeout_s``."""
     deadline, text = time.monotonic() + timeout_s, ""
