@@ -48,15 +48,20 @@ def test_jpegs_cut_anywhere_are_truncated(n_bytes):
     assert info.value.kind == "truncated", info.value.row_error
 
 
+# VmHWM, this process's own peak RSS (ru_maxrss would count the forking parent's RSS too)
 _PEAK_RSS = """
-import resource, sys
+import sys
 from georeasoner.core.images import decode_image
+
+def status(field):
+    line = next(x for x in open("/proc/self/status") if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
 data = open(sys.argv[1], "rb").read()
 reduce_to = int(sys.argv[2]) or None
-before = int(open("/proc/self/statm").read().split()[1]) * 4096
+before = status("VmRSS")
 img = decode_image(data, reduce_to=reduce_to)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(img.size[0], img.size[1], peak - before)
+print(img.size[0], img.size[1], status("VmHWM") - before)
 """
 
 

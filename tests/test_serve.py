@@ -428,6 +428,9 @@ def test_s3_keys_with_dot_segments_are_400(service, s3_buckets):
 
 
 def test_413_states_the_size(service):
+    r = requests.post(f"{service}/geolocate", data=b"\xff" * MAX_BYTES, headers={**AUTH, "Content-Type": "image/jpeg"},
+                      timeout=30)
+    assert r.status_code == 422, r.text  # exactly the limit is read (and is not an image)
     big = b"\xff" * (MAX_BYTES + 1)
     r = requests.post(f"{service}/geolocate", data=big, headers={**AUTH, "Content-Type": "image/jpeg"}, timeout=30)
     assert r.status_code == 413

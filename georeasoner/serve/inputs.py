@@ -3,8 +3,8 @@
 Bodies are read with a bound (``Content-Length`` checked first, then a counted read that stops past the limit:
 413) and within deadlines (:class:`BodyGate`: 408 for a body that does not arrive in time, or that turns slow while
 as many slow ones as one replica reads at once are being read), multipart is parsed in memory (nothing is written
-to disk), base64 and data URLs are checked, and ``s3://`` URIs are read only from allowed buckets, with plain keys (no ``..``, ``.`` or empty segments, also
-percent-encoded), with a ranged GET no larger than the limit.
+to disk), base64 and data URLs are checked, and ``s3://`` URIs are read only from allowed buckets, with plain keys
+(no ``..``, ``.`` or empty segments, also percent-encoded), with a ranged GET no larger than the limit.
 """
 
 from __future__ import annotations
