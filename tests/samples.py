@@ -23,14 +23,30 @@ def _photo(seed: int, size=(96, 72)) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
 def bomb_png(width: int = 10_000, height: int = 9_000) -> bytes:
     """A valid PNG header declaring width*height pixels (> Pillow's 89,478,485 limit), a few KB on disk."""
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
     raw = zlib.compress(b"\x00" * (1 + (width + 7) // 8) * 64)
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", raw) + _png_chunk(b"IEND", b"")
+
+
+def large_png(width: int, height: int, bit_depth: int = 16, colour: bool = False) -> bytes:
+    """A complete, valid PNG of width x height pixels (greyscale or RGB, 8 or 16 bits) that compresses to a few
+    hundred KB: every row is the same dark-to-bright gradient (rows after the first use PNG's "up" filter, all
+    zeros). Written row by row, never held decoded."""
+    channels, step = (3 if colour else 1), bit_depth // 8
+    top = (1 << bit_depth) - 1
+    values = np.linspace(0, top, width).astype(">u2" if step == 2 else "u1")
+    first = b"\x00" + np.repeat(values, channels).tobytes()
+    same = b"\x02" + bytes(len(first) - 1)
+    packer = zlib.compressobj(9)
+    body = packer.compress(first) + b"".join(packer.compress(same) for _ in range(height - 1)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 2 if colour else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
 
 
 def good_files(seed: int = 0) -> dict[str, bytes]:

@@ -1,6 +1,7 @@
 """Ray Serve service on 127.0.0.1: every endpoint answers a valid image with a schema-valid answer, the OpenAI client
 works, bad requests get 4xx JSON errors (and 1,000 of them leave the service answering), bearer auth, s3 URIs from
-allowed buckets only, autoscaling up under load and down after. One Serve app for the module, shut down at its end.
+allowed buckets only, autoscaling up under load and down after; hostile clients (slow uploads, disconnects, huge
+PNGs, path tricks in s3 keys) are bounded. One Serve app for the module, shut down at its end.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,7 @@ import yaml
 from conftest import REPO, free_port
 from georeasoner.core.config import ConfigError
 from georeasoner.serve.settings import load_serve_config, parse_settings, resolve_models
-from samples import bad_files, bomb_png, cut_jpeg, good_files
+from samples import bad_files, bomb_png, cut_jpeg, good_files, large_png
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -31,6 +33,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 GOOD = good_files()
 JPEG = GOOD["rgb.jpg"]
 APP = "georeasoner-test"
+SHARED = "shared-bucket/street/"  # an allow-list entry with a prefix (no such bucket: refused before any read)
+MAX_PIXELS = 20_000_000  # the service's max_pixels (below Pillow's 89,478,485)
+BODY_TIMEOUT_S, SLOW_BODY_S, MAX_SLOW = 5.0, 1.5, 2
 ISO2 = re.compile(r"^[A-Z]{2}$")
 
 
@@ -97,13 +102,15 @@ def service(ray_session, vlm_package, student_package, s3_buckets):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = {
         "model": vlm_package, "scorer": student_package, "model_name": "georeasoner", "device": "cpu",
-        "max_new_tokens": 16, "torch_threads": 1, "max_bytes": MAX_BYTES, "allowed_buckets": [s3_buckets[0]],
-        "auth_token_env": TOKEN_ENV, "auth_required": True,
+        "max_new_tokens": 16, "torch_threads": 1, "max_bytes": MAX_BYTES, "allowed_buckets": [s3_buckets[0], SHARED],
+        "auth_token_env": TOKEN_ENV, "auth_required": True, "max_pixels": MAX_PIXELS,
+        "body_timeout_s": BODY_TIMEOUT_S, "slow_body_s": SLOW_BODY_S, "max_slow_bodies": MAX_SLOW,
         "geolocator": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
     }
     options = {
-        # the token reaches the ingress replica through its environment, as a Secret would on Kubernetes
-        "Ingress": {"ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": {TOKEN_ENV: TOKEN}}}},
+        # the token reaches the ingress replica through its environment, as a Secret would on Kubernetes (a file
+        # read into a variable keeps its trailing newline: the service strips it)
+        "Ingress": {"ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": {TOKEN_ENV: TOKEN + "\n"}}}},
         "Geolocator": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.5},
                        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                                               "upscale_delay_s": 1, "downscale_delay_s": 3,
@@ -314,6 +321,146 @@ def test_thousand_bad_requests_then_good(service, s3_buckets):
     check_answer(r.json())
 
 
+# -- hostile clients ---------------------------------------------------------------------------------
+
+def _port(service: str) -> int:
+    return int(service.rsplit(":", 1)[1])
+
+
+def test_slow_uploads_get_408_and_leave_room(service):
+    """70 clients trickling a byte every 0.5 s (more than the ingress's 64 request slots): a normal request and
+    /healthz beside them answer, and every slow one ends with 408 (past slow_body_s beyond max_slow_bodies, or at
+    body_timeout_s)."""
+    from hostile import slow_uploads, upload_header
+
+    beside = {}
+
+    def normal():
+        time.sleep(0.5)
+        start = time.monotonic()
+        r = requests.post(f"{service}/geolocate", data=JPEG, headers={**AUTH, "Content-Type": "image/jpeg"},
+                          timeout=30)
+        beside["geolocate"] = (r.status_code, time.monotonic() - start)
+        start = time.monotonic()
+        beside["healthz"] = (requests.get(f"{service}/healthz", timeout=30).status_code, time.monotonic() - start)
+
+    helper = __import__("threading").Thread(target=normal, daemon=True)
+    helper.start()
+    ended = slow_uploads(_port(service), 70, bound_s=BODY_TIMEOUT_S + 20, every_s=0.5, headers=AUTH)
+    helper.join(timeout=60)
+    assert beside["geolocate"][0] == 200 and beside["geolocate"][1] < 10, beside
+    assert beside["healthz"][0] == 200 and beside["healthz"][1] < 10, beside
+    statuses = [status for status, _ in ended.values()]
+    assert len(ended) == 70 and set(statuses) == {"408"}, sorted(set(statuses))
+    # all but max_slow_bodies were cut as they turned slow (slow_body_s), not at the deadline (body_timeout_s)
+    early = sum(t < BODY_TIMEOUT_S - 1 for _, t in ended.values())
+    assert early >= 70 - MAX_SLOW - 2, sorted(round(t, 1) for _, t in ended.values())
+    # one body that stops: 408 at body_timeout_s, a JSON error naming the deadline
+    with socket.create_connection(("127.0.0.1", _port(service)), timeout=BODY_TIMEOUT_S + 10) as sock:
+        start = time.monotonic()
+        sock.sendall(upload_header(_port(service), 1000, AUTH) + b"\xff" * 10)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    took = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer, answer[:500]
+    assert BODY_TIMEOUT_S - 0.5 < took < BODY_TIMEOUT_S + 5, took
+
+
+def test_disconnect_mid_upload_is_one_info_line(service):
+    from hostile import cut_uploads, ended, ingress_log, log_since
+
+    log = ingress_log(APP)
+    mark = log.stat().st_size
+    cut_uploads(_port(service), 5, headers=AUTH)
+    text = log_since(log, mark, lambda t: ended(t) >= 5, timeout_s=6)  # Serve's access line for each
+    assert "Traceback" not in text and "unhandled error" not in text, text[-3000:]
+    assert not re.search(r"^ERROR", text, re.M), text[-3000:]
+    assert "client went away on POST /geolocate" in text, text[-3000:]
+
+
+def test_huge_pngs_from_small_files(service):
+    """16-bit and RGB PNGs of tens of KB that decode to ~20 MP: answered under max_pixels (the ingress's memory
+    stays bounded, 4 at once), 422 above it (from the header, before decoding)."""
+    from hostile import RssPeak, ingress_process
+
+    grey16, rgb8 = large_png(4400, 4400, 16), large_png(4400, 4400, 8, colour=True)
+    over, pillow_cap = large_png(4600, 4400, 16), large_png(9400, 9400, 16)
+    assert max(map(len, (grey16, rgb8, over, pillow_cap))) < MAX_BYTES
+
+    def send(data: bytes):
+        return requests.post(f"{service}/geolocate", data=data, headers={**AUTH, "Content-Type": "image/png"},
+                             timeout=120)
+
+    with RssPeak(ingress_process(APP)) as rss, ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(send, [grey16, rgb8, grey16, rgb8]))
+    for r in answers:
+        assert r.status_code == 200, r.text
+        check_answer(r.json())
+    # before: ~0.6 GB of float64 copies per 16-bit image (2.3 GB at 9400x9400); now the decoded image and a band
+    assert rss.growth < 400 * 2**20, f"ingress RSS grew {rss.growth / 2**20:.0f} MiB"
+    for data in (over, pillow_cap):
+        r = send(data)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_pixels", r.text
+        assert str(MAX_PIXELS) in r.json()["error"]["message"], r.text
+
+
+def test_s3_keys_with_dot_segments_are_400(service, s3_buckets):
+    allowed = s3_buckets[0]
+    bucket, prefix = SHARED.split("/", 1)
+    keys = [f"s3://{allowed}/street/../street/photo 1.jpg", f"s3://{bucket}/{prefix}../../private/k.jpg",
+            f"s3://{bucket}/{prefix}%2e%2e/%2E%2E/private/k.jpg", f"s3://{bucket}/{prefix}a/%252e%252e/k.jpg",
+            f"s3://{bucket}/{prefix}/k.jpg", f"s3://{bucket}/{prefix}./k.jpg", f"s3://{allowed}/street\\..\\x.jpg",
+            f"s3://{allowed}//street/photo 1.jpg", f"s3://{allowed}/street/photo\x00.jpg"]
+    for uri in keys:
+        r = requests.post(f"{service}/geolocate", json={"image_uri": uri}, headers=AUTH, timeout=30)
+        err = r.json()["error"]
+        assert (r.status_code, err["code"], err["param"]) == (400, "invalid_uri", "image_uri"), (uri, r.text)
+        assert "image_uri" in err["message"] and "key" in err["message"], err
+    r = requests.post(f"{service}/v1/chat/completions", json=chat_body(keys[1]), headers=AUTH, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[].content[].image_url.url", r.text
+    # refused buckets and prefixes: the 403 names the refused bucket only, never the allow-list
+    for uri in (f"s3://{bucket}/private/k.jpg", f"s3://{s3_buckets[1]}/street/photo 1.jpg"):
+        r = requests.post(f"{service}/geolocate", json={"image_uri": uri}, headers=AUTH, timeout=30)
+        message = r.json()["error"]["message"]
+        assert r.status_code == 403 and uri.split("/")[2] in message, r.text
+        assert allowed not in message and prefix not in message, message
+
+
+def test_413_states_the_size(service):
+    r = requests.post(f"{service}/geolocate", data=b"\xff" * MAX_BYTES, headers={**AUTH, "Content-Type": "image/jpeg"},
+                      timeout=30)
+    assert r.status_code == 422, r.text  # exactly the limit is read (and is not an image)
+    big = b"\xff" * (MAX_BYTES + 1)
+    r = requests.post(f"{service}/geolocate", data=big, headers={**AUTH, "Content-Type": "image/jpeg"}, timeout=30)
+    assert r.status_code == 413
+    assert f"is {MAX_BYTES + 1} bytes; the limit is {MAX_BYTES} bytes" in r.json()["error"]["message"], r.text
+    r = requests.post(f"{service}/geolocate", headers={**AUTH, "Content-Type": "image/jpeg"}, timeout=30,
+                      data=(big[i:i + 65536] for i in range(0, len(big), 65536)))
+    assert r.status_code == 413 and f"is over {MAX_BYTES} bytes" in r.json()["error"]["message"], r.text
+
+
+def test_package_keys_outside_the_cache_are_refused(s3_server, bucket, tmp_path, monkeypatch):
+    """An s3:// package or checkpoint holding a key with '..' (or a leading '/' after its prefix) would be copied
+    outside the local cache: refused before anything is written."""
+    import boto3
+
+    from georeasoner.core import packages
+    from georeasoner.vlm.model import local_checkpoint
+
+    monkeypatch.setenv("GEOREASONER_CACHE", str(tmp_path / "cache" / "nested"))
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.put_object(Bucket=bucket, Key="vlm/model_card.json", Body=b'{"version": "v1"}')
+    client.put_object(Bucket=bucket, Key="vlm/../../escaped.txt", Body=b"outside")
+    client.put_object(Bucket=bucket, Key="ckpt/config.json", Body=b"{}")
+    client.put_object(Bucket=bucket, Key="ckpt//abs.txt", Body=b"outside")
+    with pytest.raises(ValueError, match=r"'s3://.*/vlm' holds the key '../../escaped.txt'.*'\.\.' segment"):
+        packages.local_copy(f"s3://{bucket}/vlm")
+    with pytest.raises(ValueError, match=r"holds the key '/abs.txt': it starts with '/'"):
+        local_checkpoint(f"s3://{bucket}/ckpt")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
 # -- autoscaling (last: it changes the replica count) ------------------------------------------------
 
 def test_autoscaling_rises_under_load_and_falls_after(service):
@@ -404,6 +551,14 @@ def test_build_time_validation(tmp_path, student_package):
 
     with pytest.raises(ConfigError, match="max_ongoing_requests"):
         make_app({"model": "tiny:qwen2-vl", "scorer": None}, {"Geolocator": {"max_ongoing_requests": 4}})
+    with pytest.raises(ConfigError, match=r"max_slow_bodies \(64\) must be below .*Ingress.max_ongoing_requests"):
+        make_app({"model": "tiny:qwen2-vl", "scorer": None, "max_slow_bodies": 64})
+    with pytest.raises(ConfigError, match="slow_body_s"):
+        parse_settings({"model": "tiny:qwen2-vl", "scorer": None, "slow_body_s": 40, "body_timeout_s": 30})
+    with pytest.raises(ConfigError, match="max_pixels"):
+        parse_settings({"model": "tiny:qwen2-vl", "scorer": None, "max_pixels": 100_000_000})
+    with pytest.raises(ConfigError, match="max_concurrent_decodes"):
+        parse_settings({"model": "tiny:qwen2-vl", "scorer": None, "max_concurrent_decodes": 0})
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(yaml.safe_dump({"applications": [{"name": "x", "import_path": "georeasoner.serve.app:build_app",
                                                      "args": {"model": "tiny:qwen2-vl", "scorer": None,

@@ -75,6 +75,16 @@ def read_card(uri: str) -> dict[str, Any]:
     return storage.read_json(card_uri)
 
 
+def cache_target(root: Path, rel: str, uri: str) -> Path:
+    """``root / rel`` for a file of the s3:// package or checkpoint ``uri``; ValueError when the key would land
+    outside ``root`` ('..', '.', empty segments, a leading '/')."""
+    problem = storage.key_problem(rel)
+    if problem:
+        raise ValueError(f"'{uri}' holds the key '{rel[:200]}': {problem}, so it cannot be copied into the local "
+                         f"cache {root}; refusing to copy this package (remove or rename that object)")
+    return root / rel
+
+
 def local_copy(uri: str) -> Path:
     """A local folder holding the package at ``uri`` (itself when local; a cached copy for s3://)."""
     if not storage.is_s3(uri):
@@ -89,9 +99,9 @@ def local_copy(uri: str) -> Path:
         return dest
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     prefix = uri.rstrip("/") + "/"
-    for entry in storage.iter_files(uri, include_hidden=True):
-        rel = entry.uri[len(prefix):]
-        target = tmp / rel
+    entries = list(storage.iter_files(uri, include_hidden=True))
+    targets = [cache_target(tmp, entry.uri[len(prefix):], uri) for entry in entries]  # all checked before any write
+    for entry, target in zip(entries, targets):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(storage.read_bytes(entry.uri))
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,33 @@ def join(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
+def key_problem(key: str) -> str | None:
+    """Why an object key (or a path relative to a prefix) is not a plain relative path, or None when it is.
+
+    Refused: an empty key, a leading ``/``, empty segments (``a//b``, a trailing ``/``), ``.`` and ``..``
+    segments (also percent-encoded, ``%2e%2e``, or split by ``\\``), control characters. S3 itself takes such
+    keys literally, but anything that maps keys to paths (a local cache, a gateway) may not."""
+    from urllib.parse import unquote
+
+    if not key:
+        return "it is empty"
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return "it holds a control character"
+    if key.startswith("/"):
+        return "it starts with '/'"
+    if "" in key.split("/"):
+        return "it has an empty segment ('//' or a trailing '/')"
+    decoded = key
+    for _ in range(3):  # %252e%252e -> %2e%2e -> ..
+        decoded = unquote(decoded)
+    parts = decoded.replace("\\", "/").split("/")
+    if any(part in (".", "..") for part in parts):
+        return "it has a '.' or '..' segment"
+    if decoded != key and "" in parts:
+        return "it has an empty segment once percent-decoded ('%2F%2F')"
+    return None
+
+
 def absolute(uri: str) -> str:
     """An absolute URI: s3:// unchanged, local paths made absolute."""
     return uri if is_s3(uri) else str(Path(uri).expanduser().resolve())

@@ -18,6 +18,13 @@ Endpoints:
 Every bad request gets a 4xx JSON error (:mod:`georeasoner.serve.errors`); uploaded images live only in memory
 for the request.
 
+Hostile clients are bounded per ingress replica (``args`` of the config, :class:`ServeSettings`): a body must
+arrive within ``body_timeout_s`` and at most ``max_slow_bodies`` may still be arriving after ``slow_body_s`` (408
+otherwise), so trickling clients cannot take every request slot; images declaring over ``max_pixels`` are refused
+from the header (422), the rest are reduced while decoding (JPEG DCT scaling, integer box reduction, 16-bit data
+converted band by band) and at most ``max_concurrent_decodes`` decode at once; a client that goes away is logged
+as one info line (status 499 in the access log), not as an error.
+
 No ``from __future__ import annotations`` here: FastAPI reads the route methods' annotations (``Request``) as
 objects once Serve's ingress has wrapped them. Helpers the ``Ingress`` calls are defined above the class.
 """
@@ -29,6 +36,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -38,11 +46,11 @@ from fastapi.exceptions import RequestValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
-from georeasoner.core.images import ImageError, decode_image
+from georeasoner.core.images import ImageError, decode_image_sized
 from georeasoner.serve import inputs
-from georeasoner.serve.errors import ApiError, response
+from georeasoner.serve.errors import ApiError, ClientGone, response
 from georeasoner.serve.models import GeolocatorDeployment, ScorerDeployment
 from georeasoner.serve.settings import ConfigError, ServeSettings, parse_settings, resolve_models
 
@@ -58,6 +66,12 @@ api = FastAPI(title="georeasoner", description="Street-view geolocation with rea
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError):
     return response(exc)
+
+
+@api.exception_handler(ClientGone)
+async def _client_gone(request: Request, exc: ClientGone):
+    logger.info("client went away on %s %s: %s", request.method, request.url.path[:200], exc.why)
+    return Response(status_code=499)  # nginx's "client closed request": nobody reads it, the access log shows it
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -130,7 +144,7 @@ class Ingress:
         self.fallback_used = fallback_used
         self.token = ""
         if self.settings.auth_token_env:
-            self.token = os.environ.get(self.settings.auth_token_env, "")
+            self.token = os.environ.get(self.settings.auth_token_env, "").strip()  # a Secret file's trailing newline
             if not self.token and self.settings.auth_required:
                 raise RuntimeError(f"auth_required: environment variable {self.settings.auth_token_env} is unset "
                                    "or empty in the ingress replica")
@@ -139,6 +153,11 @@ class Ingress:
                                self.settings.auth_token_env)
         self._info: dict[str, Any] | None = None
         self.created = int(time.time())
+        s = self.settings
+        self.bodies = inputs.BodyGate(s.body_timeout_s, s.slow_body_s, s.max_slow_bodies)
+        # at most max_concurrent_decodes images decode at once, on threads of their own (few threads: few malloc
+        # arenas holding freed decode buffers)
+        self.decoder = ThreadPoolExecutor(s.max_concurrent_decodes, thread_name_prefix="decode")
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -170,12 +189,12 @@ class Ingress:
         return await asyncio.to_thread(inputs.read_s3, source.uri, self.settings.max_bytes, source.param)
 
     def _decode(self, data: bytes, param: str):
+        side = self.settings.max_image_side
         try:
-            img = decode_image(data)
+            # reduced while decoding to >= 2x the side (as thumbnail's reducing_gap), then shrunk exactly
+            img, (width, height) = decode_image_sized(data, self.settings.max_pixels, reduce_to=2 * side)
         except ImageError as exc:
             raise ApiError.from_image_error(exc, param) from None
-        width, height = img.size
-        side = self.settings.max_image_side
         if max(img.size) > side:
             img.thumbnail((side, side))
         if max(img.size) > MAX_ASPECT * min(img.size):  # checked after the shrink, which rounds the short side
@@ -185,7 +204,9 @@ class Ingress:
 
     async def _answer(self, source: inputs.ImageSource) -> dict[str, Any]:
         data = await self._image_bytes(source)
-        img = await asyncio.to_thread(self._decode, data, source.param)
+        # the decode pool's threads are the bound: a request cancelled mid-decode keeps its thread busy until the
+        # decode ends (a thread cannot be stopped); one cancelled while queued leaves the queue
+        img = await asyncio.get_running_loop().run_in_executor(self.decoder, self._decode, data, source.param)
         del data
         info = await self._info_cached()
         # one copy of the pixels in the object store, read by both model deployments
@@ -197,6 +218,8 @@ class Ingress:
         except asyncio.TimeoutError:
             raise ApiError("model_unavailable", f"no answer within {self.settings.request_timeout_s:.0f}s "
                                                 "(the service is overloaded)", status=503) from None
+        except ray.exceptions.TaskCancelledError:  # Serve's RequestCancelledError: the client went away
+            raise ClientGone("request cancelled while the models answered") from None
         except Exception as exc:  # noqa: BLE001 - a replica died or Serve refused: a server fault
             logger.exception("model call failed")
             raise ApiError("model_unavailable", f"the models could not be reached ({type(exc).__name__})",
@@ -241,7 +264,7 @@ class Ingress:
     @api.post("/geolocate")
     async def geolocate(self, request: Request):
         self._authorize(request)
-        body = await inputs.read_body(request, self.settings.max_bytes)
+        body = await inputs.read_body(request, self.settings.max_bytes, self.bodies)
         source = inputs.geolocate_source(request.headers.get("content-type"), body, self.settings)
         del body
         return await self._answer(source)
@@ -251,7 +274,7 @@ class Ingress:
         self._authorize(request)
         if inputs.media_type(request.headers.get("content-type")) not in ("application/json", ""):
             raise ApiError("unsupported_media_type", "send the chat request as application/json", status=415)
-        body = await inputs.read_body(request, self.settings.max_bytes)
+        body = await inputs.read_body(request, self.settings.max_bytes, self.bodies)
         obj = inputs.parse_json(body)
         del body
         info = await self._info_cached()
@@ -301,6 +324,11 @@ def make_app(settings: ServeSettings | dict[str, Any], options: dict[str, dict[s
                               f"must be >= its max_batch_size ({batch.max_batch_size})")
         return o
 
+    ingress_slots = options.get("Ingress", {}).get("max_ongoing_requests", Ingress.max_ongoing_requests)
+    if settings.max_slow_bodies >= ingress_slots:
+        raise ConfigError(f"config error: args.max_slow_bodies ({settings.max_slow_bodies}) must be below "
+                          f"deployments.Ingress.max_ongoing_requests ({ingress_slots}), or slow uploads can hold "
+                          "every request slot of the ingress")
     scorer = ScorerDeployment.options(**opts("Scorer", settings.scorer_batch)).bind(plain) if settings.scorer else None
     geo = GeolocatorDeployment.options(**opts("Geolocator", settings.geolocator)).bind(plain, scorer)
     return Ingress.options(**options.get("Ingress", {})).bind(geo, plain, settings.fallback_used)

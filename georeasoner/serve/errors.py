@@ -30,6 +30,7 @@ STATUS = {
     "model_not_found": 404,
     "object_not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,
     "payload_too_large": 413,
     "unsupported_media_type": 415,
     "truncated": 422,
@@ -77,6 +78,15 @@ class ApiError(Exception):
             "unreadable": "the image cannot be decoded",
         }.get(exc.kind, "the image cannot be decoded")
         return cls(exc.kind, f"{what}: {exc.detail}"[:500], param)
+
+
+class ClientGone(Exception):
+    """The client went away (disconnected mid-upload, or its request was cancelled): nobody reads an answer.
+    Logged as one info line, never as an error."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
 
 
 def response(exc: ApiError):

@@ -1,12 +1,15 @@
 """Untrusted request input -> image bytes, or an :class:`~georeasoner.serve.errors.ApiError`.
 
 Bodies are read with a bound (``Content-Length`` checked first, then a counted read that stops past the limit:
-413), multipart is parsed in memory (nothing is written to disk), base64 and data URLs are checked, and
-``s3://`` URIs are read only from allowed buckets with a ranged GET no larger than the limit.
+413) and within deadlines (:class:`BodyGate`: 408 for a body that does not arrive in time, or that turns slow while
+as many slow ones as one replica reads at once are being read), multipart is parsed in memory (nothing is written
+to disk), base64 and data URLs are checked, and ``s3://`` URIs are read only from allowed buckets, with plain keys
+(no ``..``, ``.`` or empty segments, also percent-encoded), with a ranged GET no larger than the limit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -14,7 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from georeasoner.serve.errors import ApiError
+from georeasoner.core.storage import key_problem
+from georeasoner.serve.errors import ApiError, ClientGone
 
 RAW_TYPES = ("application/octet-stream",)
 JSON_TYPES = ("application/json",)
@@ -28,13 +32,72 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def _too_large(size: int, limit: int, what: str = "request body") -> ApiError:
-    return ApiError("payload_too_large", f"{what} is {'over ' if size > limit else ''}{size} bytes; "
-                                         f"the limit is {limit} bytes", status=413)
+def _too_large(limit: int, what: str = "request body", size: int | None = None) -> ApiError:
+    """413: ``size`` when it is known (a declared Content-Length), else only that it passed the limit."""
+    said = f"is {size} bytes" if size is not None else f"is over {limit} bytes"
+    return ApiError("payload_too_large", f"{what} {said}; the limit is {limit} bytes", status=413)
 
 
-async def read_body(request, max_bytes: int) -> bytes:
-    """The request body, never more than ``max_bytes`` read into memory (413 past it)."""
+async def _read_all(request, max_bytes: int) -> bytes:
+    """The body's chunks as they come, never more than ``max_bytes`` kept (413 past it)."""
+    from ray.exceptions import TaskCancelledError
+    from starlette.requests import ClientDisconnect
+
+    chunks, total = [], 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                raise _too_large(max_bytes)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone(f"disconnected after sending {total} bytes of the body") from None
+    except TaskCancelledError:
+        raise ClientGone(f"request cancelled after {total} bytes of the body") from None
+    return b"".join(chunks)
+
+
+class BodyGate:
+    """How long, and how many at once, request bodies may hold one ingress replica.
+
+    Every body must arrive within ``timeout_s`` (then 408). A body still arriving after ``slow_s`` is a slow one;
+    at most ``max_slow`` slow bodies are read at once, and a body that turns slow beyond that gets 408 at once.
+    So clients trickling bytes hold at most ``max_slow`` of the replica's request slots past ``slow_s``; the
+    others are freed for normal requests (and ``/healthz``) within ``slow_s``. One gate per replica, used from its
+    event loop only."""
+
+    def __init__(self, timeout_s: float, slow_s: float, max_slow: int):
+        self.timeout_s, self.slow_s, self.max_slow = timeout_s, min(slow_s, timeout_s), max_slow
+        self.slow = 0  # slow bodies being read now
+
+    async def read(self, request, max_bytes: int) -> bytes:
+        reader = asyncio.ensure_future(_read_all(request, max_bytes))
+        counted = False
+        try:
+            done, _ = await asyncio.wait({reader}, timeout=self.slow_s)
+            if not done and self.slow >= self.max_slow:
+                raise ApiError("request_timeout", f"the request body did not arrive within {self.slow_s:g}s while "
+                                                  f"{self.slow} other slow uploads are being read (the limit); "
+                                                  "send it faster, or retry later", status=408,
+                               headers={"Connection": "close"})
+            if not done:
+                self.slow += 1
+                counted = True
+                done, _ = await asyncio.wait({reader}, timeout=self.timeout_s - self.slow_s)
+            if not done:
+                raise ApiError("request_timeout", f"the request body did not arrive within {self.timeout_s:g}s "
+                                                  "(body_timeout_s)", status=408, headers={"Connection": "close"})
+            return reader.result()
+        finally:
+            if counted:
+                self.slow -= 1
+            if not reader.done():
+                reader.cancel()
+
+
+async def read_body(request, max_bytes: int, gate: BodyGate | None = None) -> bytes:
+    """The request body, never more than ``max_bytes`` read into memory (413 past it), within the ``gate``'s
+    deadlines (408); :class:`ClientGone` when the client goes away."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -44,14 +107,10 @@ async def read_body(request, max_bytes: int) -> bytes:
         if size < 0:
             raise ApiError("invalid_content_length", "Content-Length is negative")
         if size > max_bytes:
-            raise _too_large(size, max_bytes)
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > max_bytes:
-            raise ApiError("payload_too_large", f"request body is over {max_bytes} bytes (the limit)", status=413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+            raise _too_large(max_bytes, size=size)
+    if gate is None:
+        return await _read_all(request, max_bytes)
+    return await gate.read(request, max_bytes)
 
 
 # -- base64 and data URLs -------------------------------------------------------------------------
@@ -100,10 +159,13 @@ def check_s3_uri(uri: Any, settings, param: str) -> tuple[str, str]:
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not bucket or not key or key.endswith("/"):
         raise ApiError("invalid_uri", f"'{param}' must name an object: s3://bucket/key", param)
+    problem = key_problem(key)
+    if problem:
+        raise ApiError("invalid_uri", f"'{param}': the key of {uri[:200]!r} is not a plain object key: {problem}",
+                       param)
     if not settings.bucket_allowed(bucket, key):
-        allowed = ", ".join(settings.allowed_buckets) or "none"
-        raise ApiError("bucket_not_allowed", f"'{param}': bucket '{bucket[:63]}' is not allowed "
-                                             f"(allowed: {allowed})", param, status=403)
+        raise ApiError("bucket_not_allowed", f"'{param}': bucket '{bucket[:63]}' is not allowed for this key", param,
+                       status=403)
     return bucket, key
 
 
@@ -130,7 +192,7 @@ def read_s3(uri: str, max_bytes: int, param: str) -> bytes:
         raise ApiError("storage_unavailable", f"reading {uri} failed: {type(exc).__name__}", param,
                        status=502) from None
     if len(data) > max_bytes:
-        raise _too_large(len(data), max_bytes, f"object {uri}")
+        raise _too_large(max_bytes, f"object {uri}")
     return data
 
 

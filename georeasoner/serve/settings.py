@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from georeasoner.core.config import ConfigError, StorageConfig, StrictModel, _format_error, _set_dotted, parse_override
+from georeasoner.core.images import MAX_PIXELS
 
 logger = logging.getLogger("georeasoner.serve")
 
@@ -58,6 +59,16 @@ class ServeSettings(StrictModel):
     geolocator: BatchSettings = Field(default_factory=BatchSettings)
     scorer_batch: BatchSettings = Field(default_factory=lambda: BatchSettings(max_batch_size=32))
     request_timeout_s: float = Field(120.0, gt=0, description="the ingress waits this long for the models (then 503)")
+    # hostile clients: bounds on what one request may make the ingress hold
+    max_pixels: int = Field(50_000_000, ge=1, le=MAX_PIXELS,
+                            description="images declaring more pixels get 422 too_many_pixels, from the header, "
+                                        f"before decoding (at most Pillow's own limit, {MAX_PIXELS})")
+    max_concurrent_decodes: int = Field(2, ge=1, le=64, description="images decoded at once in an ingress replica; "
+                                                                    "others wait their turn")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request body must arrive within this (then 408)")
+    slow_body_s: float = Field(5.0, gt=0, description="a body still arriving after this is a slow one")
+    max_slow_bodies: int = Field(8, ge=0, le=4096, description="slow bodies read at once in an ingress replica; one "
+                                                               "more gets 408 as soon as it turns slow")
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     _fallback_used: bool = PrivateAttr(False)  # set by resolve_models
@@ -105,10 +116,14 @@ class ServeSettings(StrictModel):
     def _auth(self):
         if self.auth_required and not self.auth_token_env:
             raise ValueError("auth_required needs auth_token_env")
+        if self.slow_body_s > self.body_timeout_s:
+            raise ValueError(f"slow_body_s ({self.slow_body_s}) must be <= body_timeout_s ({self.body_timeout_s})")
         return self
 
     def bucket_allowed(self, bucket: str, key: str) -> bool:
-        """True when ``s3://bucket/key`` lies in an allowed bucket (or under an allowed bucket/prefix)."""
+        """True when ``s3://bucket/key`` lies in an allowed bucket (or under an allowed bucket/prefix). The key
+        must already be a plain one (:func:`georeasoner.core.storage.key_problem`): ``prefix/../other`` starts
+        with the prefix too."""
         for entry in self.allowed_buckets:
             name, _, prefix = entry.partition("/")
             if name == bucket and key.startswith(prefix):

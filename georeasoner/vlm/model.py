@@ -228,8 +228,8 @@ def local_checkpoint(ref: str) -> str:
         return str(dest)
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     prefix = ref.rstrip("/") + "/"
-    for entry in entries:
-        target = tmp / entry.uri[len(prefix):]
+    targets = [packages.cache_target(tmp, entry.uri[len(prefix):], ref) for entry in entries]  # checked first
+    for entry, target in zip(entries, targets):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(storage.read_bytes(entry.uri))
     dest.parent.mkdir(parents=True, exist_ok=True)
