@@ -112,8 +112,9 @@ def test_blocks_are_sized_by_keys_and_actors_keep_their_cpus():
 
     for n in (10, 5_000, 200_000):
         keys = pa.table({"image_uri": [f"k{i}" for i in range(n)]})
-        blocks = inference.key_blocks(keys, batch_size=64)
-        assert sum(b.num_rows for b in blocks) == n and max(b.num_rows for b in blocks) == min(n, 64 * inference.BATCHES_PER_BLOCK)
+        blocks = inference.key_blocks(keys, batch_size=64, cpus=2)
+        assert sum(b.num_rows for b in blocks) == n and max(b.num_rows for b in blocks) <= 64 * inference.BATCHES_PER_BLOCK
+        assert len(blocks) >= min(n, 4)  # small sets still decode in parallel
     for cpus, pool, actor_cpus, decode_cpus in [(2, 1, 0.5, 0.25), (2, 2, 0.5, 0.25), (16, 8, 1, 0.5), (2, 4, 0.5, 0.25)]:
         cfg = BaselineConfig(input="x", model="m", output="o", actor_pool_max=pool, actor_cpus=actor_cpus,
                              decode_cpus=decode_cpus)

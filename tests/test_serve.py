@@ -40,7 +40,7 @@ ISO2 = re.compile(r"^[A-Z]{2}$")
 
 
 def check_answer(answer: dict) -> None:
-    """The CONVENTIONS answer schema, plus the service's fields."""
+    """The answer schema (docs/conventions.md › Answers), plus the service's fields."""
     for key in ("country", "city", "lat", "lon", "reasons", "confidence", "locatability", "model_version",
                 "scorer_version"):
         assert key in answer, key

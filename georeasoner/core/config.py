@@ -85,7 +85,7 @@ class JobConfig(StrictModel):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = data
     for part in parts[:-1]:
@@ -135,7 +135,7 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _format_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
+def format_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
@@ -176,13 +176,13 @@ def load_config(model: type[JobConfig], path: str | Path | None, overrides: list
         data = loaded
     for text in overrides or []:
         key, value = parse_override(text)
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     if overrides:
         source = f"{source} + overrides" if path else "overrides"
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, model, source)) from None
+        raise ConfigError(format_error(err, model, source)) from None
 
 
 def describe(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -1,4 +1,4 @@
-"""Decode untrusted image bytes into RGB, or a per-item error of a CONVENTIONS kind.
+"""Decode untrusted image bytes into RGB, or a per-item error of a documented kind (docs/conventions.md › Errors).
 
 Kinds: ``empty``, ``truncated``, ``not_an_image``, ``too_many_pixels``, ``unreadable`` (and ``model``, used by
 model stages). Any format Pillow decodes is accepted; every mode is converted to RGB (16-bit scaled, alpha

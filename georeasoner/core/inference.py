@@ -256,9 +256,10 @@ def steady_rate(marks: list[tuple[float, int]]) -> float | None:
 BATCHES_PER_BLOCK = 4  # a block is a few batches: decoded pixels never pile up in the object store
 
 
-def key_blocks(keys: pa.Table, batch_size: int) -> list[pa.Table]:
-    """The keys cut into blocks of ``BATCHES_PER_BLOCK`` batches (by keys, whatever the cluster size)."""
-    size = max(1, batch_size * BATCHES_PER_BLOCK)
+def key_blocks(keys: pa.Table, batch_size: int, cpus: float = 2) -> list[pa.Table]:
+    """The keys cut into blocks of at most ``BATCHES_PER_BLOCK`` batches (by keys, whatever the key count);
+    a small key set is cut finer, into about two blocks per CPU, so that its decoding still runs in parallel."""
+    size = max(1, min(batch_size * BATCHES_PER_BLOCK, -(-keys.num_rows // max(1, int(2 * cpus)))))
     return [keys.slice(i, size) for i in range(0, keys.num_rows, size)]
 
 
@@ -299,13 +300,14 @@ def process(job: JobRun, cfg: InferenceConfig, adapter: Adapter, keys: pa.Table)
     storage_cfg = cfg.storage.model_dump()
     if adapter.source not in todo.column_names:
         todo = todo.append_column(adapter.source, todo.column("image_uri"))
-    ds = ray.data.from_arrow(key_blocks(todo, cfg.batch_size))
+    cpus = cluster_cpus()
+    ds = ray.data.from_arrow(key_blocks(todo, cfg.batch_size, cpus))
     # Ray Data fuses a task stage into the next actor stage when their resource requests match, which
     # would decode serially inside the model actors: keep the two requests distinct.
     decode_cpus = cfg.decode_cpus if (cfg.decode_cpus != cfg.actor_cpus or cfg.actor_gpus) else cfg.decode_cpus * 0.99
     ds = ds.map_batches(_decode_fn(adapter.source, storage_cfg, cfg.read_retries, cfg.read_threads, adapter.decode),
                         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=decode_cpus,
-                        compute=ray.data.TaskPoolStrategy(size=decode_tasks(cfg, cluster_cpus())))
+                        compute=ray.data.TaskPoolStrategy(size=decode_tasks(cfg, cpus)))
     ds = ds.map_batches(ModelStage, fn_constructor_args=(adapter.load, adapter.schema, storage_cfg),
                         batch_size=cfg.batch_size, num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus or None,
                         compute=ray.data.ActorPoolStrategy(min_size=cfg.actor_pool_min, max_size=cfg.actor_pool_max))

@@ -34,7 +34,7 @@ def make_card(name: str, weights_digest: str, *, base_model: str | None, stages:
     """A model card; ``version`` is ``<name>-<digest of the weights>`` so the same weights give the same version.
 
     ``training_data`` is a list of ``{"uri", "licence"}``; any non-commercial licence marks the model
-    non-commercial (licences travel, CONVENTIONS › Data).
+    non-commercial (licences travel, docs/conventions.md › Data).
     """
     licences = sorted({d.get("licence") or "unknown" for d in training_data})
     return {

@@ -53,6 +53,7 @@ from georeasoner.serve import inputs
 from georeasoner.serve.errors import ApiError, ClientGone, response
 from georeasoner.serve.models import GeolocatorDeployment, ScorerDeployment
 from georeasoner.serve.settings import ConfigError, ServeSettings, parse_settings, resolve_models
+from georeasoner.vlm.answers import clean_answer
 
 logger = logging.getLogger("ray.serve")
 
@@ -96,21 +97,6 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 async def _server_error(request: Request, exc: Exception):
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return response(ApiError("internal_error", f"internal error ({type(exc).__name__})", status=500))
-
-
-def clean_answer(answer: dict[str, Any]) -> dict[str, Any]:
-    """The CONVENTIONS answer fields, values checked: ISO2 or null, lat/lon in range, confidence in [0, 1]."""
-    out = {k: answer.get(k) for k in ANSWER_FIELDS}
-    country = out["country"]
-    out["country"] = country.upper() if isinstance(country, str) and len(country) == 2 and country.isalpha() else None
-    lat, lon = out["lat"], out["lon"]
-    ok = isinstance(lat, (int, float)) and isinstance(lon, (int, float)) and -90 <= lat <= 90 and -180 <= lon <= 180
-    out["lat"], out["lon"] = (float(lat), float(lon)) if ok else (None, None)
-    out["city"] = out["city"] if isinstance(out["city"], str) and out["city"] else None
-    out["reasons"] = out["reasons"] if isinstance(out["reasons"], str) else ""
-    conf = out["confidence"]
-    out["confidence"] = min(1.0, max(0.0, float(conf))) if isinstance(conf, (int, float)) and conf == conf else 0.0
-    return out
 
 
 def _sse_chunks(ident: str, created: int, model: str, fingerprint: str, content: str, answer: dict,
@@ -232,7 +218,7 @@ class Ingress:
                            status=503)
         if "error" in scored:
             raise ApiError("model_error", f"the scorer failed on this image: {scored['error']}", status=500)
-        answer = clean_answer(geo["ok"])
+        answer = {k: v for k, v in clean_answer(geo["ok"]).items() if k in ANSWER_FIELDS}
         score = scored["ok"]
         answer.update(locatability=None if score is None else min(1.0, max(0.0, float(score))),
                       model_version=info["model_version"], scorer_version=info["scorer_version"])

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from georeasoner.core.config import ConfigError, StorageConfig, StrictModel, _format_error, _set_dotted, parse_override
+from georeasoner.core.config import ConfigError, StorageConfig, StrictModel, format_error, set_dotted, parse_override
 from georeasoner.core.images import MAX_PIXELS
 
 logger = logging.getLogger("georeasoner.serve")
@@ -142,7 +142,7 @@ def parse_settings(args: dict[str, Any] | ServeSettings | None, source: str = "t
     try:
         return ServeSettings.model_validate(args)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, ServeSettings, source)) from None
+        raise ConfigError(format_error(err, ServeSettings, source)) from None
 
 
 # -- model references ---------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def load_serve_config(path: str | Path, overrides: list[str] | None = None, app:
         head, _, rest = key.partition(".")
         if head == "args" and rest:
             target.setdefault("args", {})
-            _set_dotted(target["args"], rest, value)
+            set_dotted(target["args"], rest, value)
         elif head == "deployments" and rest:
             name, _, option = rest.partition(".")
             if not option:
@@ -232,9 +232,9 @@ def load_serve_config(path: str | Path, overrides: list[str] | None = None, app:
             if entry is None:
                 entry = {"name": name}
                 deps.append(entry)
-            _set_dotted(entry, option, value)
+            set_dotted(entry, option, value)
         elif head in ("http_options", "proxy_location", "grpc_options", "logging_config"):
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
         else:
             raise ConfigError(f"config error: override '{text}': use args.<key>, deployments.<Name>.<option> "
                               "or http_options.<key>")
