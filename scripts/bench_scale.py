@@ -65,7 +65,7 @@ def score_job(model: str, folder: Path, out: Path, n: int, kill_after_parts: int
 
     args = [sys.executable, str(REPO / "jobs" / "score_locatability.py"), "--config",
             "configs/score_locatability/local.yaml", f"input={folder}", f"model={model}", f"output={out}",
-            "rows_per_part=2000"]
+            f"rows_per_part={max(250, min(2000, n // 20))}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     psutil.cpu_percent(None)
     start = time.monotonic()
@@ -133,7 +133,7 @@ def main() -> None:
         if a.kill:
             n = sizes[-1]
             out = tmp / f"killed{n}"
-            killed = score_job(model, tmp / f"keys{n}", out, n, kill_after_parts=max(1, n // 2000 // 2))
+            killed = score_job(model, tmp / f"keys{n}", out, n, kill_after_parts=10)  # half of the ~20 parts
             print(f"killed after {killed['killed_after_s']} s with {killed['parts']} parts; starting again", flush=True)
             t0 = time.monotonic()
             resume_row = score_job(model, tmp / f"keys{n}", out, n)
@@ -148,9 +148,10 @@ def main() -> None:
         print(f"| {r['keys']:,} | {r['steady'] or 0:.0f} | {r['whole']:.0f} | {r['first_part_s'] or 0:.0f} s | "
               f"{r['peak_rss_mb']:.0f} MB | {r['cpu_busy'] or 0:.2f} | {r['whole'] / bound:.2f} | {r['writer_s']} s |")
         assert r["items"] == r["keys"] and r["duplicates"] == 0 and r["missing"] == 0, r
-    base = rows[0]["steady"] or 0
+    base = rows[0]["steady"]
     for r in rows[1:]:
-        print(f"steady at {r['keys']:,} keys / at {rows[0]['keys']:,} keys: {(r['steady'] or 0) / max(base, 1e-9):.2f}")
+        if base and r["steady"]:
+            print(f"steady at {r['keys']:,} keys / at {rows[0]['keys']:,} keys: {r['steady'] / base:.2f}")
     if resume_row:
         print(f"killed half way and resumed at {sizes[-1]:,} keys: items {resume_row['items']}, duplicates "
               f"{resume_row['duplicates']}, missing {resume_row['missing']}; {resume_row['resume']}; "
