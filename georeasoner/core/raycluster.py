@@ -18,12 +18,23 @@ def connect(cfg: JobConfig | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     # address="local": start our own Ray rather than joining a `ray start` head that happens to run here
-    kwargs = {"address": "local", "include_dashboard": False, "log_to_driver": True}
+    kwargs = {"address": "local", "include_dashboard": False, "log_to_driver": True,
+              "runtime_env": {"worker_process_setup_hook": "georeasoner.core.raycluster.quiet_ray_train"}}
     if cfg and cfg.ray.num_cpus:
         kwargs["num_cpus"] = cfg.ray.num_cpus
     if cfg and cfg.ray.num_gpus is not None:
         kwargs["num_gpus"] = cfg.ray.num_gpus
     ray.init(**kwargs)
+
+
+def quiet_ray_train() -> None:
+    """Worker setup hook: Ray Train's placement-group cleaner warns every second when the state API (the
+    dashboard, off here) does not answer, and logs a traceback when it stops late; silence that helper."""
+    import logging
+
+    for name in ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                 "ray.train.v2._internal.callbacks.placement_group_callback"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def cluster_cpus() -> float:

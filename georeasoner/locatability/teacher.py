@@ -30,6 +30,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from georeasoner.core import storage
 from georeasoner.core.config import ConfigError, InputError, JobConfig, StrictModel
 from georeasoner.core.images import MAX_PIXELS, ImageError, decode_image, error_kind
+from georeasoner.core.manifest import manifest_file
 from georeasoner.core.outputs import SUMMARY_FILE, JobRun, is_complete
 from georeasoner.core.progress import Progress
 from georeasoner.locatability.clue_weights import WEIGHTS_FILE, looks_like_path, model_source, read_class_weights
@@ -87,7 +88,7 @@ class TeacherConfig(JobConfig):
 
     @property
     def manifest_uri(self) -> str:
-        return self.input if self.input.endswith(".parquet") else storage.join(self.input, MANIFEST_FILE)
+        return manifest_file(self.input)
 
     @property
     def weights_uri(self) -> str:
