@@ -108,8 +108,8 @@ def _decode_chunk(uris: list[str], size: int, storage_cfg: dict) -> tuple[np.nda
 
 
 def decode_images(uris: list[str], size: int, storage_cfg: dict, chunk: int = 200) -> tuple[np.ndarray, list[str | None]]:
-    """Decode and resize every image once, in Ray tasks (``storage_cfg``: the job's ``storage`` settings):
-    (uint8 [N, S, S, 3], per-image error or None)."""
+    """Decode and resize every image once, in Ray tasks (``storage_cfg``: the job's ``storage``): (uint8 [N, S, S, 3],
+    per-image error or None, whose kind comes before its first ``:``)."""
     import ray
 
     remote = ray.remote(num_cpus=1, max_retries=2)(_decode_chunk)
@@ -117,13 +117,6 @@ def decode_images(uris: list[str], size: int, storage_cfg: dict, chunk: int = 20
     if not parts:
         return np.zeros((0, size, size, 3), np.uint8), []
     return np.concatenate([p[0] for p in parts]), [e for p in parts for e in p[1]]
-
-
-def error_kinds(errors: list[str | None]) -> dict[str, int]:
-    """How many images failed, by the kind before the first ``:`` of their error."""
-    from collections import Counter
-
-    return dict(Counter(e.split(":", 1)[0] for e in errors if e))
 
 
 def base_of(spec: str, weights: str | None) -> tuple[str | None, list[dict]]:

@@ -5,15 +5,15 @@ Each train image of the manifest is paired, per epoch, with either the StreetCLI
 country); clue-free images get ``A street view photo with no clear clue.``. Identical captions in a
 batch count as positives of each other (multi-positive InfoNCE).
 
-Training runs inside Ray as a Ray Train ``TorchTrainer`` (``num_workers`` workers, 1 by default;
-``use_gpu``). Images are decoded and resized once by Ray tasks and handed to the workers as uint8
-arrays through the object store. The job is a recipe on :mod:`georeasoner.core.training` (checkpoints every ``checkpoint_every``
-epochs; a killed run started again continues from the last one). The output
-folder is the CLIP package (``model.safetensors``, ``open_clip_config.json``, ``model_card.json``).
+Training is a recipe on :mod:`georeasoner.core.training` (Ray Train, ``num_workers``, ``use_gpu``; a checkpoint
+every ``checkpoint_every`` epochs). Images are decoded and resized once by Ray tasks and handed to the workers as
+uint8 arrays through the object store. The output folder is the CLIP package (``model.safetensors``,
+``open_clip_config.json``, ``model_card.json``).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,15 @@ from georeasoner.core.manifest import manifest_file
 from georeasoner.core.outputs import JobRun
 from georeasoner.core.training import (
     EpochRecipe,
+    Split,
     TrainResources,
     Worker,
     completed,
+    evaluating,
     final_metrics,
     finish_train_storage,
     fit,
     param_groups,
-    raw_model,
     run_name,
     training_data,
 )
@@ -57,7 +58,7 @@ class PretrainClipConfig(TrainResources):
     warmup_steps: int = Field(30, ge=0, description="linear warmup steps")
     country_caption_share: float = Field(0.5, ge=0, le=1,
                                          description="share of captions that are 'A street view photo in {country}.'")
-    heldout_splits: list[str] = Field(["val", "test"], description="splits for the held-out loss and zero-shot accuracy")
+    heldout_splits: list[Split] = Field(["val", "test"], description="splits for the held-out loss and zero-shot accuracy")
 
     def manifest_uri(self) -> str:
         return manifest_file(self.input)
@@ -85,9 +86,9 @@ class PretrainClipConfig(TrainResources):
 def caption_pools(rows: list[dict], clue_records: list[dict]) -> tuple[list[str], list[int | None], list[list[int]]]:
     """Unique caption texts, each image's country caption id (or None), and each image's clue caption ids.
 
-    ``clue_records``: the records of clues.jsonl (:func:`georeasoner.world.clues.read_clues`). With clues known, a clue-free image's pool is the neutral caption alone and it has no country
-    caption (nothing in it names a country). Without clues.jsonl (e.g. real photos) clues are unknown:
-    pools stay empty and only country captions are used.
+    ``clue_records``: clues.jsonl (:func:`georeasoner.world.clues.read_clues`). With clues known, a clue-free image's
+    pool is the neutral caption alone and it has no country caption (nothing in it names a country). Without
+    clues.jsonl (e.g. real photos) clues are unknown: pools stay empty and only country captions are used.
     """
     from georeasoner.clip.model import NO_CLUE_CAPTION, country_prompt
 
@@ -142,54 +143,6 @@ def contrastive_loss(img, txt, scale, caption_idx):
     return 0.5 * (to_text + to_image)
 
 
-def _step_loss(model, pixels, caption_ids, tokens, device):
-    """Loss of one batch: uint8 pixels [B,S,S,3], caption ids [B], the token table [T, ctx]."""
-    import torch
-
-    from georeasoner.clip.model import normalise_torch
-
-    unique, inverse = torch.unique(caption_ids, return_inverse=True)
-    images = normalise_torch(pixels.to(device))
-    out = model(images, tokens[unique].to(device))
-    img, txt, scale = out[0], out[1], out[2]
-    return contrastive_loss(img, txt, scale.clamp(max=100), inverse.to(device))
-
-
-def heldout_loss(model, pixels: np.ndarray, caption_ids: np.ndarray, tokens, batch_size: int, device) -> float:
-    import torch
-
-    if len(pixels) == 0:
-        return float("nan")
-    raw = raw_model(model)  # no DDP forward: it would sync with idle ranks
-    losses, weights = [], []
-    raw.eval()
-    with torch.no_grad():
-        for i in range(0, len(pixels), batch_size):
-            ids = torch.from_numpy(caption_ids[i:i + batch_size])
-            losses.append(float(_step_loss(raw, torch.tensor(pixels[i:i + batch_size]), ids, tokens, device)))
-            weights.append(len(ids))
-    raw.train()
-    return float(np.average(losses, weights=weights))
-
-
-def zero_shot(model, pixels: np.ndarray, labels: np.ndarray, prompt_tokens, batch_size: int, device) -> np.ndarray:
-    """Predicted class index per image (cosine similarity to the country prompts)."""
-    import torch
-
-    from georeasoner.clip.model import normalise_torch
-
-    raw = raw_model(model)
-    raw.eval()
-    preds = []
-    with torch.no_grad():
-        text = raw.encode_text(prompt_tokens.to(device), normalize=True)
-        for i in range(0, len(pixels), batch_size):
-            img = raw.encode_image(normalise_torch(torch.tensor(pixels[i:i + batch_size]).to(device)), normalize=True)
-            preds.append((img @ text.T).argmax(1).cpu().numpy())
-    raw.train()
-    return np.concatenate(preds) if preds else np.zeros(0, np.int64)
-
-
 # -- the recipe (runs in the Ray Train workers) --------------------------------------------------
 
 class PretrainClip(EpochRecipe):
@@ -199,9 +152,6 @@ class PretrainClip(EpochRecipe):
     config = PretrainClipConfig
     betas = (0.9, 0.98)
     drop_last = True
-
-    def __len__(self) -> int:
-        return len(self.pixels)
 
     def build(self, w: Worker):
         import ray
@@ -215,29 +165,55 @@ class PretrainClip(EpochRecipe):
         self.pixels, self.held = ray.get(d["train_pixels"]), ray.get(d["heldout_pixels"])
         self.tokens, self.prompts = torch.tensor(d["tokens"]), torch.tensor(d["prompt_tokens"])
         self.held_captions = np.asarray(d["heldout_captions"], np.int64)
-        return model, param_groups(model.named_parameters(), self.cfg.weight_decay, self.cfg.lr)
+        return model, param_groups(model.named_parameters(), self.cfg.weight_decay, self.cfg.lr), len(self.pixels)
 
     def begin_epoch(self, rng: np.random.Generator, epoch: int) -> None:
         self.captions = sample_captions(rng, self.data["country_ids"], self.data["clue_ids"], self.cfg.country_caption_share)
 
-    def loss(self, w: Worker, idx: np.ndarray, rng: np.random.Generator):
+    def _loss(self, model, pixels: np.ndarray, caption_ids: np.ndarray, device):
+        """Loss of one batch: uint8 pixels [B,S,S,3] and their caption ids [B] into the token table."""
         import torch
 
-        return _step_loss(self.model, torch.from_numpy(self.pixels[idx]), torch.from_numpy(self.captions[idx]),
-                          self.tokens, w.device)
+        from georeasoner.clip.model import normalise_torch
 
-    def _heldout_loss(self, w: Worker) -> float:
-        return heldout_loss(self.model, self.held, self.held_captions, self.tokens, self.cfg.batch_size, w.device)
+        unique, inverse = torch.unique(torch.from_numpy(caption_ids), return_inverse=True)
+        out = model(normalise_torch(torch.from_numpy(pixels).to(device)), self.tokens[unique].to(device))
+        return contrastive_loss(out[0], out[1], out[2].clamp(max=100), inverse.to(device))
+
+    def loss(self, w: Worker, idx: np.ndarray, rng: np.random.Generator):
+        return self._loss(self.model, self.pixels[idx], self.captions[idx], w.device)
 
     def before(self, w: Worker) -> dict[str, Any]:
         return {"initial_heldout_loss": self._heldout_loss(w)}
 
+    def _heldout_loss(self, w: Worker) -> float:
+        if len(self.held) == 0:
+            return float("nan")
+        size, losses, weights = self.cfg.batch_size, [], []
+        with evaluating(self.model) as raw:
+            for i in range(0, len(self.held), size):
+                ids = self.held_captions[i:i + size]
+                losses.append(float(self._loss(raw, self.held[i:i + size], ids, w.device)))
+                weights.append(len(ids))
+        return float(np.average(losses, weights=weights))
+
     def after(self, w: Worker, state: dict[str, Any]) -> dict[str, Any]:
+        """The held-out loss and zero-shot accuracy (cosine similarity to the country prompts), by split."""
+        import torch
+
+        from georeasoner.clip.model import normalise_torch
+
         metrics = {"heldout_loss": self._heldout_loss(w)}
         labels, splits = np.asarray(self.data["heldout_labels"]), np.asarray(self.data["heldout_splits"])
-        known = labels >= 0
+        known, size, preds = labels >= 0, self.cfg.batch_size, []
         if known.any() and len(self.prompts):
-            pred = zero_shot(self.model, self.held[known], labels[known], self.prompts, self.cfg.batch_size, w.device)
+            held = self.held[known]
+            with evaluating(self.model) as raw:
+                text = raw.encode_text(self.prompts.to(w.device), normalize=True)
+                for i in range(0, len(held), size):
+                    img = torch.tensor(held[i:i + size]).to(w.device)
+                    preds.append((raw.encode_image(normalise_torch(img), normalize=True) @ text.T).argmax(1).cpu().numpy())
+            pred = np.concatenate(preds)
             for split in sorted(set(splits[known])):
                 sel = splits[known] == split
                 metrics[f"zero_shot_accuracy_{split}"] = round(float(np.mean(pred[sel] == labels[known][sel])), 4)
@@ -249,7 +225,7 @@ class PretrainClip(EpochRecipe):
 
 def run(cfg: PretrainClipConfig) -> dict:
     """Pretrain a CLIP on the manifest's train split; the output folder becomes a CLIP package."""
-    from georeasoner.clip.model import base_of, error_kinds, image_size_of, is_package, spec_config, write_clip_package
+    from georeasoner.clip.model import base_of, image_size_of, is_package, spec_config, write_clip_package
     from georeasoner.core.raycluster import connect
     from georeasoner.world.clues import read_clues
 
@@ -285,7 +261,7 @@ def run(cfg: PretrainClipConfig) -> dict:
     return job.finish(
         counts={"items": counts["train_images"], **counts, "epochs": cfg.epochs, "steps": result.metrics.get("steps"),
                 "parameters": parameters},
-        errors_by_kind=error_kinds(errors), metrics=metrics,
+        errors_by_kind=dict(Counter(e.split(":", 1)[0] for e in errors if e)), metrics=metrics,
         train_loss_history=result.metrics.get("train_loss_history"), model=model_name)
 
 

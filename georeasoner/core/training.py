@@ -1,16 +1,14 @@
 """The training engine of ``pretrain_clip``, ``train_locatability`` and ``finetune`` (Ray Train ``TorchTrainer``).
 
-A job is a :class:`Recipe`: the driver prepares the data its workers need and calls :func:`fit`; every
-Ray Train worker re-validates the job's config (it travels as ``model_dump``), builds a :class:`Worker`
-(rank, world size, device, torch threads, seed and the job's storage settings) and runs ``Recipe.train``.
-:class:`Worker` checkpoints (``state.json`` beside the recipe's files), resumes, reports and writes
-TensorBoard events the same way for every job. :class:`EpochRecipe` is the plain-torch epoch loop (DDP
-through ``prepare_model``) with ``build``/``loss``/``before``/``after`` seams. A killed run started again
-with the same :func:`run_name` continues from its last reported checkpoint.
+A job is a :class:`Recipe`: the driver prepares the workers' data and calls :func:`fit`; each worker re-validates
+the job's config, builds a :class:`Worker` (rank, device, threads, seed, the job's storage settings: checkpoints,
+resume, reports, TensorBoard) and runs ``Recipe.train``. :class:`EpochRecipe` is the plain-torch epoch loop
+(DDP). A killed run started again (same :func:`run_name`) continues from its last reported checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -20,16 +18,17 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from georeasoner.core import storage
 from georeasoner.core.config import JobConfig, StorageConfig
 from georeasoner.core.outputs import SUMMARY_FILE, fingerprint, is_complete
 
 STATE = "state.json"
+Split = Literal["train", "val", "test"]
 TENSORBOARD = "tensorboard"
 
 
@@ -44,14 +43,6 @@ class TrainResources(JobConfig):
     keep_checkpoints: bool = Field(False, description="keep the Ray Train run folder after the package is written")
 
     runtime_keys = ("use_gpu", "cpus_per_worker", "storage_path", "checkpoint_every", "keep_checkpoints")
-
-    @field_validator("heldout_splits", check_fields=False)
-    @classmethod
-    def _splits(cls, value):
-        bad = [v for v in value if v not in ("train", "val", "test")]
-        if bad:
-            raise ValueError(f"unknown split {bad[0]!r} (train, val, test)")
-        return value
 
     def train_storage(self) -> str:
         return self.storage_path or storage.join(storage.absolute(self.output), "_train")
@@ -77,6 +68,20 @@ def param_groups(named_params, weight_decay: float, lr: float) -> list[dict]:
 def raw_model(model):
     """The module inside a DDP wrapper (its forward would sync with the other ranks)."""
     return model.module if hasattr(model, "module") else model
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """The raw model (:func:`raw_model`) in eval mode without gradients; back in train mode afterwards."""
+    import torch
+
+    raw = raw_model(model)
+    raw.eval()
+    try:
+        with torch.no_grad():
+            yield raw
+    finally:
+        raw.train()
 
 
 # -- the driver side ----------------------------------------------------------------------------
@@ -109,16 +114,13 @@ def final_metrics(result) -> dict[str, Any]:
 
 
 def fit(recipe: type[Recipe], cfg: TrainResources, data: dict[str, Any], name: str):
-    """Run ``recipe`` in a Ray Train ``TorchTrainer``; returns the ``Result`` (resumes a same-named run).
-
-    The workers get the config (absolute paths, the driver's effective storage settings) and ``data``."""
+    """Run ``recipe`` in a Ray Train ``TorchTrainer`` (resuming a same-named run); returns the ``Result``. The
+    workers get ``data`` and the config (absolute paths, the driver's effective storage settings)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # Ray Train V2 sends a worker's print() to the console twice (stdout and its logger): print once.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if recipe.deepspeed and not cfg.use_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"
     sent = cfg.absolute_paths().model_copy(
         update={"storage": StorageConfig(endpoint_url=storage.endpoint_url(), region=storage.region())})
     uri = cfg.train_storage()
@@ -158,10 +160,9 @@ class Worker:
         ctx = ray.train.get_context()
         self.job, self.rank, self.world = job, ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.writer, self._tb_dir, self._tb_files = None, None, {}
+        self.writer, self._tb_dir = None, None
 
-    def log(self, text: str) -> None:
-        """A progress line, printed by rank 0."""
+    def log(self, text: str) -> None:  # a progress line, once (rank 0)
         if self.rank == 0:
             print(f"{self.job}: {text}", flush=True)
 
@@ -174,8 +175,8 @@ class Worker:
             return None
         with checkpoint.as_directory() as folder:
             load(Path(folder))
-            tb = Path(folder) / TENSORBOARD
-            self._tb_files = {p.name: p.read_bytes() for p in tb.iterdir()} if tb.is_dir() else {}
+            if (Path(folder) / TENSORBOARD).is_dir():
+                self._tb_dir = Path(shutil.copytree(Path(folder) / TENSORBOARD, tempfile.mkdtemp() + "/tb"))
             return json.loads((Path(folder) / STATE).read_text())
 
     def tensorboard(self):
@@ -183,9 +184,7 @@ class Worker:
         if self.rank == 0 and self.writer is None:
             from tensorboardX import SummaryWriter
 
-            self._tb_dir = Path(tempfile.mkdtemp(prefix="georeasoner-tb-"))
-            for name, data in self._tb_files.items():
-                (self._tb_dir / name).write_bytes(data)
+            self._tb_dir = self._tb_dir or Path(tempfile.mkdtemp(prefix="georeasoner-tb-"))
             self.writer = SummaryWriter(str(self._tb_dir))
         return self.writer
 
@@ -215,56 +214,34 @@ class Worker:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
 
 class Recipe:
     """A training job on the engine: ``train`` runs in every Ray Train worker with the validated config."""
 
     job: ClassVar[str]
     config: ClassVar[type[TrainResources]]
-    deepspeed: ClassVar[bool] = False
 
     def __init__(self, cfg: TrainResources, data: dict[str, Any]):
         self.cfg, self.data = cfg, data
 
-    def train(self, w: Worker) -> None:
-        raise NotImplementedError
-
 
 def _worker_main(recipe: type[Recipe], c: dict[str, Any]) -> None:
     cfg = recipe.config.model_validate(c["config"])
-    w = Worker(recipe.job, cfg)
-    try:
-        recipe(cfg, c["data"]).train(w)
-    finally:
-        w.close()
+    recipe(cfg, c["data"]).train(Worker(recipe.job, cfg))
 
 
 class EpochRecipe(Recipe):
-    """Epochs of shuffled batches over the ``len(self)`` train items, AdamW with per-group peaks on
-    :func:`lr_factor`, a checkpoint (``model.safetensors``, ``optimizer.pt``) every ``checkpoint_every`` epochs.
-
-    Seams: ``build`` (model, param groups), ``loss`` (a batch), ``begin_epoch``, ``before`` (rank 0, fresh
-    start: kept in the state) and ``after`` (rank 0, last epoch: the held-out metrics)."""
+    """Epochs of shuffled batches of train items; AdamW, each group's peak lr on :func:`lr_factor`; a checkpoint
+    (``model.safetensors``, ``optimizer.pt``) every ``checkpoint_every`` epochs. Seams: ``build(w)`` -> (model, param
+    groups, number of train items), ``loss(w, idx, rng)`` of a batch of item indices, ``begin_epoch``, ``before``
+    (rank 0, fresh start) and ``after`` (rank 0, last epoch: held-out metrics)."""
 
     betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     drop_last: ClassVar[bool] = False
     digits: ClassVar[int] = 4
 
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def build(self, w: Worker) -> tuple[Any, list[dict]]:
-        raise NotImplementedError
-
-    def loss(self, w: Worker, idx: np.ndarray, rng: np.random.Generator):
-        raise NotImplementedError
-
     def begin_epoch(self, rng: np.random.Generator, epoch: int) -> None:
-        """Draw what an epoch needs before its order is shuffled (from the epoch's ``rng``)."""
+        """Draw what an epoch needs from its ``rng`` before its order is shuffled."""
 
     def before(self, w: Worker) -> dict[str, Any]:
         return {}
@@ -292,18 +269,16 @@ class EpochRecipe(Recipe):
         import torch
 
         cfg = self.cfg
-        model, groups = self.build(w)
+        model, groups, items = self.build(w)
         peaks = [g["lr"] for g in groups]
         self.model = ray.train.torch.prepare_model(model)
         self.optimizer = torch.optim.AdamW(groups, betas=self.betas)
-        mine = np.arange(len(self))[w.rank::w.world]
+        mine = np.arange(items)[w.rank::w.world]
         per_epoch = max(1, len(mine) // cfg.batch_size if self.drop_last else math.ceil(len(mine) / cfg.batch_size))
         total = per_epoch * cfg.epochs
-        state = w.restore(self._load)
-        if state is not None:
+        state = w.restore(self._load) or {"epoch": -1, "history": [], **(self.before(w) if w.rank == 0 else {})}
+        if state["epoch"] >= 0:
             w.log(f"resuming after epoch {state['epoch'] + 1}")
-        else:
-            state = {"epoch": -1, "history": [], **(self.before(w) if w.rank == 0 else {})}
         if state["epoch"] + 1 >= cfg.epochs:  # finished before the package was written: report it again
             w.report(state["metrics"], state, self._save)
             return

@@ -10,6 +10,7 @@ the run summary carry Spearman and MAE against the teacher on held-out (val + te
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ from georeasoner.core import storage, training
 from georeasoner.core.config import InputError
 from georeasoner.core.manifest import manifest_file
 from georeasoner.core.outputs import JobRun
-from georeasoner.core.training import EpochRecipe, TrainResources, Worker
+from georeasoner.core.training import EpochRecipe, Split, TrainResources, Worker
 
 JOB = "train_locatability"
 CLUE_BUCKETS = ("0", "1-2", "3+")
@@ -43,7 +44,7 @@ class TrainLocatabilityConfig(TrainResources):
     warmup_steps: int = Field(20, ge=0, description="linear warmup steps")
     loss: Literal["mse", "bce"] = Field("mse", description="mse on the sigmoid score, or bce with the soft teacher target")
     hflip: bool = Field(True, description="random horizontal flips (area shares, hence teacher scores, are unchanged)")
-    heldout_splits: list[str] = Field(["val", "test"], description="splits the metrics are measured on")
+    heldout_splits: list[Split] = Field(["val", "test"], description="splits the metrics are measured on")
 
     def manifest_uri(self) -> str:
         return manifest_file(self.manifest)
@@ -91,9 +92,6 @@ class TrainLocatability(EpochRecipe):
     config = TrainLocatabilityConfig
     digits = 5
 
-    def __len__(self) -> int:
-        return len(self.pixels)
-
     def build(self, w: Worker):
         import ray
         import torch
@@ -113,7 +111,7 @@ class TrainLocatability(EpochRecipe):
         groups += training.param_groups(model.head.named_parameters(), cfg.weight_decay, cfg.lr_head)
         self.pixels, self.held = ray.get(d["train_pixels"]), ray.get(d["heldout_pixels"])
         self.targets = torch.tensor(d["train_targets"], dtype=torch.float32)
-        return model, groups
+        return model, groups, len(self.pixels)
 
     def _normalised(self, pixels, device):
         import torch
@@ -139,14 +137,11 @@ class TrainLocatability(EpochRecipe):
     def after(self, w: Worker, state: dict[str, Any]) -> dict[str, Any]:
         import torch
 
-        raw = training.raw_model(self.model)
-        raw.eval()
         out = []
-        with torch.no_grad():
+        with training.evaluating(self.model) as raw:
             for i in range(0, len(self.held), 256):
                 logits, _ = raw(self._normalised(self.held[i:i + 256], w.device))
                 out.append(torch.sigmoid(logits).cpu().numpy())
-        raw.train()
         pred = np.concatenate(out) if out else np.zeros(0, np.float32)
         clues = self.data["heldout_clues"]
         return heldout_metrics(pred, np.asarray(self.data["heldout_targets"], np.float32),
@@ -167,7 +162,7 @@ def read_labels(uri: str) -> dict[str, float]:
 
 def run(cfg: TrainLocatabilityConfig) -> dict:
     """Train the student on the teacher labels; the output folder becomes the student package."""
-    from georeasoner.clip.model import base_of, error_kinds, is_package
+    from georeasoner.clip.model import base_of, is_package
     from georeasoner.core.raycluster import connect
     from georeasoner.locatability.student import save_student
 
@@ -204,7 +199,7 @@ def run(cfg: TrainLocatabilityConfig) -> dict:
         counts={"items": counts["train_images"], **counts, "labelled_images": len(labels),
                 "unlabelled_in_manifest": len(rows) - len(labelled), "epochs": cfg.epochs,
                 "steps": result.metrics.get("steps")},
-        errors_by_kind=error_kinds(errors), metrics=metrics,
+        errors_by_kind=dict(Counter(e.split(":", 1)[0] for e in errors if e)), metrics=metrics,
         train_loss_history=result.metrics.get("train_loss_history"), model=model_name, base_model=base)
 
 

@@ -6,17 +6,15 @@
 - ``location`` (stage 2): the stage-1 package's adapters merged, a fresh adapter on the (image, country + city)
   set of curated images.
 
-Each worker builds the model, wraps it with LoRA (vision tower frozen unless asked), hands a torch AdamW and a
-warmup+cosine schedule to ``deepspeed.initialize`` (gloo + ``DS_ACCELERATOR=cpu`` without a GPU, bf16 with
-one) and steps through a seeded order of global batches. Every ``checkpoint_every_steps`` all ranks write
-their DeepSpeed shards (frozen weights excluded) and rank 0 the adapter (gathered under ZeRO-3), the
-TensorBoard events and the step: ``ray.train.report`` stores them under ``RunConfig(storage_path)`` (local
-or ``s3://``); the same run started again resumes from there, and ``FailureConfig`` retries lost workers.
-The output is a VLM package (:mod:`georeasoner.vlm.model`).
+A recipe on :mod:`georeasoner.core.training`: each worker wraps the model with LoRA (vision tower frozen unless
+asked) and hands AdamW and the engine's schedule to ``deepspeed.initialize`` (gloo + ``DS_ACCELERATOR=cpu`` without
+a GPU, bf16 with one). Every ``checkpoint_every_steps`` all ranks write their DeepSpeed shards (frozen weights
+excluded) and rank 0 the adapter (gathered under ZeRO-3). The output is a VLM package (:mod:`georeasoner.vlm.model`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -99,9 +97,7 @@ class FinetuneConfig(TrainResources):
     runtime_keys = TrainResources.runtime_keys + ("max_failures", "cache_pixels", "eval_limit", "eval_before")
 
     def set_uri(self) -> str:
-        if self.input.endswith(".jsonl"):
-            return self.input
-        return storage.join(self.input, f"{self.task}.jsonl")
+        return self.input if self.input.endswith(".jsonl") else storage.join(self.input, f"{self.task}.jsonl")
 
     def card_name(self) -> str:
         return self.name or f"georeasoner-vlm-{self.task}"
@@ -194,16 +190,7 @@ def _prepare_model(model, lora: LoraSettings):
     return get_peft_model(model, config)
 
 
-def schedule(optimizer, total: int, warmup: int):
-    """The engine's warmup + cosine (:func:`georeasoner.core.training.lr_factor`) as a torch ``LambdaLR``."""
-    import torch
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup))
-
-
 def _gathered(engine, params):
-    import contextlib
-
     import deepspeed
 
     if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
@@ -267,7 +254,7 @@ def vision_warmup(model, rows: list[dict], cache, cfg: FinetuneConfig, w: Worker
     params = [p for p in tower.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.vision_warmup_lr, weight_decay=0.0)
     warm = max(1, steps // 20)
-    scheduler = schedule(optimizer, steps, warm)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warm))
     micro = max(1, batch // world)
     hits = predicted = actual = 0
     t0 = time.monotonic()
@@ -298,15 +285,11 @@ def vision_warmup(model, rows: list[dict], cache, cfg: FinetuneConfig, w: Worker
             hits += int((guess & (target > 0)).sum())
             predicted += int(guess.sum())
             actual += int(target.sum())
-        if (step + 1) % max(1, log_every(cfg) * 10) == 0 or step + 1 == steps:
+        if (step + 1) % max(1, min(10, cfg.checkpoint_every_steps) * 10) == 0 or step + 1 == steps:
             w.log(f"vision warmup step {step + 1}/{steps} bce {loss.item():.4f} ({time.monotonic() - t0:.0f}s)")
     for p in tower.parameters():
         p.grad = None
     return {"precision": round(hits / max(1, predicted), 4), "recall": round(hits / max(1, actual), 4)}
-
-
-def log_every(cfg: FinetuneConfig) -> int:
-    return max(1, min(10, cfg.checkpoint_every_steps))
 
 
 # -- the recipe (runs in the Ray Train workers) -------------------------------------------------
@@ -317,7 +300,6 @@ class Finetune(Recipe):
 
     job = JOB
     config = FinetuneConfig
-    deepspeed = True
 
     def train(self, w: Worker) -> None:
         import ray.train
@@ -358,7 +340,8 @@ class Finetune(Recipe):
             groups = [{"params": [p for p in trainable if id(p) not in tower]},
                       {"params": [p for p in trainable if id(p) in tower], "lr": cfg.lr * cfg.vision_lr_scale}]
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-        scheduler = schedule(optimizer, total, int(cfg.warmup_ratio * total))
+        warmup = int(cfg.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
                                                dist_init_required=False)
         step, history = 0, []
@@ -395,7 +378,7 @@ class Finetune(Recipe):
                 losses.append(loss.item())
                 seen += batch["input_ids"].shape[0]
             step = s + 1
-            if step % log_every(cfg) == 0 or step == total:
+            if step % min(10, cfg.checkpoint_every_steps) == 0 or step == total:
                 mean, lr = sum(losses) / len(losses), scheduler.get_last_lr()[0]
                 rate = seen * w.world / max(1e-9, time.monotonic() - t0)
                 history.append({"step": step, "loss": round(mean, 4), "lr": lr})
@@ -404,6 +387,8 @@ class Finetune(Recipe):
                 losses = []
             if step % cfg.checkpoint_every_steps == 0 or step == total:
                 report(round(seen * w.world / max(1e-9, time.monotonic() - t0), 2))
+        if w.writer is not None:
+            w.writer.close()
 
 
 # -- the job ----------------------------------------------------------------------------------

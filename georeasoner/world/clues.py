@@ -196,12 +196,12 @@ def catalogue() -> list[dict]:
 def read_clues(uri: str) -> list[dict]:
     """The records of a ``clues.jsonl`` in file order (``clue``, ``country``, ``text``, maybe ``observation``);
     ``{}`` for a line that is not a JSON object. Blank lines are skipped."""
-    records = []
-    for line in storage.read_text(uri).splitlines():
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            records.append(record if isinstance(record, dict) else {})
-    return records
+    return [_record(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+
+def _record(line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+    return record if isinstance(record, dict) else {}
