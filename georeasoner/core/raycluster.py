@@ -28,12 +28,14 @@ def connect(cfg: JobConfig | None = None) -> None:
 
 
 def quiet_ray_train() -> None:
-    """Worker setup hook: Ray Train's placement-group cleaner warns every second when the state API (the
-    dashboard, off here) does not answer, and logs a traceback when it stops late; silence that helper."""
+    """Worker setup hook. On a busy machine Ray Train's placement-group cleaner warns every second that the state
+    API (the dashboard, off here) does not answer, and it and the resource-request client log tracebacks they call
+    safe to ignore: silence those helpers."""
     import logging
 
     for name in ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
-                 "ray.train.v2._internal.callbacks.placement_group_callback"):
+                 "ray.train.v2._internal.callbacks.placement_group_callback",
+                 "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
