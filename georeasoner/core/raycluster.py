@@ -28,9 +28,8 @@ def connect(cfg: JobConfig | None = None) -> None:
 
 
 def quiet_ray_train() -> None:
-    """Worker setup hook. On a busy machine Ray Train's placement-group cleaner warns every second that the state
-    API (the dashboard, off here) does not answer, and it and the resource-request client log tracebacks they call
-    safe to ignore: silence those helpers."""
+    """Worker setup hook: silence Ray Train's helpers that, on a busy machine, log every second or log tracebacks they
+    call safe to ignore (placement-group cleaner: the state API is off with the dashboard; resource requests)."""
     import logging
 
     for name in ("ray.train.v2._internal.execution.controller.placement_group_cleaner",

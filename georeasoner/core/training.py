@@ -246,9 +246,6 @@ class EpochRecipe(Recipe):
     def before(self, w: Worker) -> dict[str, Any]:
         return {}
 
-    def after(self, w: Worker, state: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
     def _save(self, folder: Path) -> None:
         import torch
         from safetensors.torch import save_file

@@ -100,9 +100,7 @@ class TrainLocatability(EpochRecipe):
         from georeasoner.locatability.student import build_student
 
         cfg, d = self.cfg, self.data
-        clip, _, _, _ = resolve_clip(cfg.clip, cfg.clip_weights)
-        model = build_student(d["student_config"], visual=clip.visual)
-        del clip
+        model = build_student(d["student_config"], visual=resolve_clip(cfg.clip, cfg.clip_weights)[0].visual)
         tower = list(model.visual.named_parameters())
         if cfg.lr_tower == 0:
             for _, p in tower:
