@@ -35,7 +35,8 @@ def quiet_ray_train() -> None:
     for name in ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
                  "ray.train.v2._internal.callbacks.placement_group_callback",
                  "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+        # a filter, not a level: Ray Train's logging setup resets the levels of its loggers' children
+        logging.getLogger(name).addFilter(lambda record: record.levelno >= logging.CRITICAL)
 
 
 def cluster_cpus() -> float:
