@@ -20,8 +20,9 @@ from georeasoner.clip.model import (
     tokenizer_for,
     zero_shot_logits,
 )
-from georeasoner.clip.pretrain import PretrainClipConfig, caption_pools, read_clue_texts, run, sample_captions
+from georeasoner.clip.pretrain import PretrainClipConfig, caption_pools, run, sample_captions
 from georeasoner.core import packages, storage
+from georeasoner.world.clues import read_clues
 
 TINY = "georeasoner-tiny-vit"
 
@@ -72,7 +73,7 @@ def test_clip_package_round_trip_local_and_s3(world, tmp_path, bucket, monkeypat
 
 def test_captions_mix_country_clue_and_neutral(world):
     rows = storage.read_parquet(str(world / "manifest.parquet")).to_pylist()
-    texts, country_ids, clue_ids = caption_pools(rows, read_clue_texts(str(world / "clues.jsonl")))
+    texts, country_ids, clue_ids = caption_pools(rows, read_clues(str(world / "clues.jsonl")))
     caps = sample_captions(np.random.default_rng(0), country_ids, clue_ids, 0.5)
     chosen = [texts[c] for c in caps]
     for row, text in zip(rows, chosen):

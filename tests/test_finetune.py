@@ -179,7 +179,7 @@ def test_base_task_with_vision_warmup_on_two_workers(sft, tmp_path, ray_session)
 def test_killed_run_resumes_from_its_last_checkpoint(sft, tmp_path):
     """SIGKILL the job after its first checkpoint; started again with the same config it continues at that
     step, with the learning-rate schedule where it was."""
-    from georeasoner.vlm.finetune import lr_lambda
+    from georeasoner.core.training import lr_factor
 
     out = tmp_path / "resumed"
     args = [sys.executable, str(REPO / "jobs" / "finetune.py"), "--config", str(REPO / "configs/finetune/reasoning_local.yaml"),
@@ -207,7 +207,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(sft, tmp_path):
     step = int(resumed[0].split("resuming at step ")[1].split("/")[0])
     assert 4 <= step < 12 and step % 4 == 0
     lr = float(resumed[0].split("(lr ")[1].rstrip(")"))
-    assert lr == pytest.approx(0.01 * lr_lambda(12, 3)(step), rel=1e-2)
+    assert lr == pytest.approx(0.01 * lr_factor(step, 12, 3), rel=1e-2)
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["counts"]["steps"] == 12
     assert adapter_norms(str(out))["reasoning"] > 0

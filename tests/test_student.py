@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_job
+from conftest import REPO, run_job
 from georeasoner.clip.model import build_clip, save_clip
 from georeasoner.core import packages, storage
 from georeasoner.locatability.student import CONFIG, WEIGHTS, LocatabilityScorer
@@ -101,3 +104,26 @@ def test_missing_teacher_labels_exits_2_with_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "teacher labels" in lines[0] and "teacher_labels.py" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_storage_endpoint_set_only_in_the_job_config_reaches_every_worker(world, bucket, s3_server, tmp_path):
+    """Every input lives in the loopback bucket and ``storage.endpoint_url`` is set only in the job's YAML: the job
+    runs in its own process and Ray with no AWS_ENDPOINT_URL anywhere, so the driver and the Ray Train worker
+    (which loads the CLIP package from the bucket) reach S3 only through the job's config."""
+    torch.manual_seed(0)
+    save_clip(build_clip("georeasoner-tiny-vit"), "georeasoner-tiny-vit", str(tmp_path / "clip"), card_name="tiny-clip",
+              base_model=None, stages=["random init"], training_data=[])
+    packages.upload_folder(tmp_path / "clip", f"s3://{bucket}/clip")
+    labels = mask_teacher_labels(world, f"s3://{bucket}/teacher/labels.parquet")
+    storage.write_parquet(storage.read_parquet(str(world / "manifest.parquet")), f"s3://{bucket}/world/manifest.parquet")
+    config = tmp_path / "job.yaml"
+    config.write_text(f"input: {labels}\nmanifest: s3://{bucket}/world\nclip: s3://{bucket}/clip\n"
+                      f"output: {tmp_path / 'student'}\nepochs: 1\nbatch_size: 32\nlimit: 64\ncpus_per_worker: 1\n"
+                      f"storage:\n  endpoint_url: {s3_server}\nray:\n  num_cpus: 2\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train_locatability.py"), "--config", str(config)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = json.loads((tmp_path / "student" / "_summary.json").read_text())
+    assert summary["counts"]["train_images"] == 64 and summary["counts"]["epochs"] == 1
+    assert packages.read_card(str(tmp_path / "student"))["base_model"].startswith("tiny-clip-")

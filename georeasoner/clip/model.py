@@ -91,6 +91,42 @@ def to_uint8(img, size: int) -> np.ndarray:
     return np.asarray(resize_center_crop(img.convert("RGB"), size), dtype=np.uint8)
 
 
+def _decode_chunk(uris: list[str], size: int, storage_cfg: dict) -> tuple[np.ndarray, list[str | None]]:
+    from georeasoner.core.images import ImageError, decode_image
+
+    storage.configure(**storage_cfg)
+    out = np.zeros((len(uris), size, size, 3), np.uint8)
+    errors: list[str | None] = [None] * len(uris)
+    for i, uri in enumerate(uris):
+        try:
+            out[i] = to_uint8(decode_image(storage.read_bytes(uri)), size)
+        except ImageError as exc:
+            errors[i] = exc.row_error
+        except OSError as exc:
+            errors[i] = f"unreadable: {type(exc).__name__}: {exc}"
+    return out, errors
+
+
+def decode_images(uris: list[str], size: int, storage_cfg: dict, chunk: int = 200) -> tuple[np.ndarray, list[str | None]]:
+    """Decode and resize every image once, in Ray tasks (``storage_cfg``: the job's ``storage``): (uint8 [N, S, S, 3],
+    per-image error or None, whose kind comes before its first ``:``)."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=2)(_decode_chunk)
+    parts = ray.get([remote.remote(uris[i:i + chunk], size, storage_cfg) for i in range(0, len(uris), chunk)])
+    if not parts:
+        return np.zeros((0, size, size, 3), np.uint8), []
+    return np.concatenate([p[0] for p in parts]), [e for p in parts for e in p[1]]
+
+
+def base_of(spec: str, weights: str | None) -> tuple[str | None, list[dict]]:
+    """What training starts from: ``(a package's version or the name (+ weights), the package's training data)``."""
+    if is_package(spec):
+        card = packages.read_card(spec)
+        return card.get("version"), list(card.get("training_data") or [])
+    return (f"{spec} ({weights})" if weights else spec), []
+
+
 def normalise(pixels: np.ndarray, mean=MEAN, std=STD) -> np.ndarray:
     """uint8 [..., S, S, 3] -> float32 [..., 3, S, S] normalised by ``mean``/``std``."""
     x = pixels.astype(np.float32) / 255.0

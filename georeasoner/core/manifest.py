@@ -6,6 +6,7 @@ import pyarrow as pa
 
 from georeasoner.core import storage
 
+MANIFEST_FILE = "manifest.parquet"
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_SCHEMA = pa.schema([
     ("image_uri", pa.string()),
@@ -21,9 +22,15 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 
+def manifest_file(uri: str) -> str:
+    """The manifest Parquet file ``uri`` names: ``uri`` itself when it is a file or ends in ``.parquet``, else
+    ``manifest.parquet`` in the folder ``uri`` (the one rule of every job; the file may not exist yet)."""
+    if uri.endswith(".parquet") or storage.is_file(uri):
+        return uri
+    return storage.join(uri, MANIFEST_FILE)
+
+
 def manifest_uri(uri: str) -> str | None:
-    """The manifest Parquet file ``uri`` names: the file itself, or ``manifest.parquet`` in that folder."""
-    if uri.endswith(".parquet"):
-        return uri if storage.is_file(uri) else None
-    candidate = storage.join(uri, "manifest.parquet")
-    return candidate if storage.is_file(candidate) else None
+    """:func:`manifest_file` when that file exists, else None."""
+    path = manifest_file(uri)
+    return path if storage.is_file(path) else None

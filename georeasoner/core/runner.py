@@ -61,6 +61,7 @@ def main(job: str, model: type[JobConfig], run: Callable[[JobConfig], dict], arg
         if config is None and not overrides:
             return _usage_error(job, "config error: no --config given")
         cfg = load_config(model, config, overrides)
+        cfg.storage.apply()  # the job's storage settings, before check_inputs reads anything
         workdir = os.environ.get("GEOREASONER_WORKDIR")
         if workdir:  # the config file was read from the uploaded copy; data paths resolve on the head
             os.chdir(workdir)

@@ -31,6 +31,7 @@ from georeasoner.core import storage
 from georeasoner.core.config import InputError, JobConfig
 from georeasoner.core.outputs import SUMMARY_FILE, JobRun, is_complete
 from georeasoner.world.ade20k import ADE20K_CLASSES
+from georeasoner.world.clues import read_clues
 
 JOB = "clue_weights"
 CLUES_FILE = "clues.jsonl"
@@ -156,27 +157,14 @@ def load_encoder(name: str):
                                model_kwargs={"use_safetensors": True})
 
 
-def read_clue_texts(uri: str, limit: int | None = None) -> tuple[list[str], int]:
-    """Distinct, sorted clue sentences of the first ``limit`` tip records, and how many records were skipped.
-    Observation records (``"observation": true``: what a clue looks like, not why it locates) are left out, so
-    the weights rank classes by the tips that carry geographic knowledge."""
+def clue_sentences(records: list[dict], limit: int | None = None) -> tuple[list[str], int]:
+    """Distinct, sorted clue sentences of the first ``limit`` tip records (:func:`georeasoner.world.clues.read_clues`),
+    and how many records were skipped. Observation records (``"observation": true``: what a clue looks like, not why
+    it locates) are left out, so the weights rank classes by the tips that carry geographic knowledge."""
+    tips = [r for r in records if r.get("observation") is not True]
     texts, skipped = set(), 0
-    records: list = []
-    for line in storage.read_text(uri).splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict) and record.get("observation") is True:
-            continue
-        records.append(record)
-    for record in records[:limit] if limit else records:
-        if record is None:
-            skipped += 1
-            continue
-        text = record.get("text") if isinstance(record, dict) else None
+    for record in tips[:limit] if limit else tips:
+        text = record.get("text")
         if isinstance(text, str) and text.strip():
             texts.add(text.strip())
         else:
@@ -232,7 +220,7 @@ def run(cfg: ClueWeightsConfig) -> dict[str, Any]:
     if is_complete(JOB, cfg, inputs) and storage.is_file(job.path(SUMMARY_FILE)):
         print(f"{JOB}: '{cfg.output}' is already complete for this config and input", flush=True)
         return storage.read_json(job.path(SUMMARY_FILE))
-    texts, skipped = read_clue_texts(cfg.clues_uri, cfg.limit)
+    texts, skipped = clue_sentences(read_clues(cfg.clues_uri), cfg.limit)
     if not texts:
         raise InputError(f"input error: '{cfg.clues_uri}' holds no clue sentences")
     weights = class_weights(texts, cfg.model, cfg.temperature, cfg.top_k, cfg.batch_size)

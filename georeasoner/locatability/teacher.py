@@ -28,6 +28,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from georeasoner.core import inference, storage
 from georeasoner.core.config import ConfigError, InputError, StrictModel
 from georeasoner.core.images import MAX_PIXELS, ImageError, decode_image
+from georeasoner.core.manifest import manifest_file
 from georeasoner.core.outputs import JobRun
 from georeasoner.locatability.clue_weights import WEIGHTS_FILE, looks_like_path, model_source, read_class_weights
 from georeasoner.world.ade20k import ADE20K_CLASSES, UNLABELLED
@@ -65,7 +66,7 @@ class TeacherConfig(inference.InferenceConfig):
 
     @property
     def manifest_uri(self) -> str:
-        return self.input if self.input.endswith(".parquet") else storage.join(self.input, MANIFEST_FILE)
+        return manifest_file(self.input)
 
     @property
     def weights_uri(self) -> str:

@@ -6,17 +6,15 @@
 - ``location`` (stage 2): the stage-1 package's adapters merged, a fresh adapter on the (image, country + city)
   set of curated images.
 
-Each worker builds the model, wraps it with LoRA (vision tower frozen unless asked), hands a torch AdamW and a
-warmup+cosine schedule to ``deepspeed.initialize`` (gloo + ``DS_ACCELERATOR=cpu`` without a GPU, bf16 with
-one) and steps through a seeded order of global batches. Every ``checkpoint_every_steps`` all ranks write
-their DeepSpeed shards (frozen weights excluded) and rank 0 the adapter (gathered under ZeRO-3), the
-TensorBoard events and the step: ``ray.train.report`` stores them under ``RunConfig(storage_path)`` (local
-or ``s3://``); the same run started again resumes from there, and ``FailureConfig`` retries lost workers.
-The output is a VLM package (:mod:`georeasoner.vlm.model`).
+A recipe on :mod:`georeasoner.core.training`: each worker wraps the model with LoRA (vision tower frozen unless
+asked) and hands AdamW and the engine's schedule to ``deepspeed.initialize`` (gloo + ``DS_ACCELERATOR=cpu`` without
+a GPU, bf16 with one). Every ``checkpoint_every_steps`` all ranks write their DeepSpeed shards (frozen weights
+excluded) and rank 0 the adapter (gathered under ZeRO-3). The output is a VLM package (:mod:`georeasoner.vlm.model`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,10 +26,21 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from georeasoner.clip.pretrain import TrainResources, finish_train_storage, run_name, worker_context
 from georeasoner.core import packages, storage
 from georeasoner.core.config import InputError, StrictModel
-from georeasoner.core.outputs import SUMMARY_FILE, JobRun, is_complete
+from georeasoner.core.manifest import manifest_uri
+from georeasoner.core.outputs import JobRun
+from georeasoner.core.training import (
+    Recipe,
+    TrainResources,
+    Worker,
+    completed,
+    finish_train_storage,
+    fit,
+    lr_factor,
+    run_name,
+    training_data,
+)
 
 JOB = "finetune"
 TASKS = ("base", "reasoning", "location")
@@ -88,9 +97,7 @@ class FinetuneConfig(TrainResources):
     runtime_keys = TrainResources.runtime_keys + ("max_failures", "cache_pixels", "eval_limit", "eval_before")
 
     def set_uri(self) -> str:
-        if self.input.endswith(".jsonl"):
-            return self.input
-        return storage.join(self.input, f"{self.task}.jsonl")
+        return self.input if self.input.endswith(".jsonl") else storage.join(self.input, f"{self.task}.jsonl")
 
     def card_name(self) -> str:
         return self.name or f"georeasoner-vlm-{self.task}"
@@ -113,11 +120,8 @@ class FinetuneConfig(TrainResources):
                              "lora.enabled=false (the base task)")
         if self.task != "base" and not self.lora.enabled:
             raise InputError(f"input error: task '{self.task}' trains a LoRA adapter: set lora.enabled=true")
-        if self.eval_input:
-            from georeasoner.clip.pretrain import resolve_manifest
-
-            if not storage.is_file(resolve_manifest(self.eval_input)):
-                raise InputError(f"input error: eval_input '{self.eval_input}' does not exist")
+        if self.eval_input and manifest_uri(self.eval_input) is None:
+            raise InputError(f"input error: eval_input '{self.eval_input}' does not exist")
         if self.lora.enabled:
             check_lora_targets(self.model, self.lora)
         from georeasoner.vlm.batches import read_rows
@@ -173,31 +177,20 @@ def check_lora_targets(ref: str, lora: LoraSettings) -> None:
         raise InputError(f"input error: lora.modules_to_save {missing} match no module of model '{ref}'")
 
 
-def _prepare_model(model, lora: dict[str, Any] | None):
+def _prepare_model(model, lora: LoraSettings):
     """LoRA-wrap (or make every parameter trainable for the base stage)."""
-    if not lora:
+    if not lora.enabled:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=lora["regex"], bias="none", modules_to_save=lora.get("modules_to_save") or None)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=_target_regex(lora),
+                        bias="none", modules_to_save=lora.modules_to_save or None)
     return get_peft_model(model, config)
 
 
-def lr_lambda(total: int, warmup: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
 def _gathered(engine, params):
-    import contextlib
-
     import deepspeed
 
     if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
@@ -232,7 +225,7 @@ def vision_tower(model):
     return tower
 
 
-def vision_warmup(model, rows: list[dict], cache, c: dict, rank: int, world: int, device) -> dict[str, float]:
+def vision_warmup(model, rows: list[dict], cache, cfg: FinetuneConfig, w: Worker) -> dict[str, float]:
     """Train the vision tower as a multi-label clue classifier before the captioning steps: a linear head on its
     merged image tokens, flattened (dropped afterwards), binary cross-entropy against each row's ``clues``. The dense signal
     teaches a tiny random tower to see clues in a few hundred cheap steps (a real checkpoint's tower is pretrained:
@@ -246,7 +239,8 @@ def vision_warmup(model, rows: list[dict], cache, c: dict, rank: int, world: int
 
     labelled = [r for r in rows if isinstance(r.get("clues"), list)]
     vocab = sorted({clue for r in labelled for clue in r["clues"]})
-    steps, batch = c["vision_warmup_steps"], c["vision_warmup_batch"]
+    steps, batch = cfg.vision_warmup_steps, cfg.vision_warmup_batch
+    rank, world, device = w.rank, w.world, w.device
     if not labelled or not vocab or steps <= 0:
         return {}
     index = {clue: i for i, clue in enumerate(vocab)}
@@ -255,17 +249,17 @@ def vision_warmup(model, rows: list[dict], cache, c: dict, rank: int, world: int
     tokens = int(np.prod(grid)) // cache.processor.image_processor.merge_size ** 2
     width = tower(torch.from_numpy(pixels).float().to(device), grid_thw=torch.from_numpy(grid[None]).long().to(device)
                   ).pooler_output.shape[-1]
-    torch.manual_seed(c["seed"])
+    torch.manual_seed(cfg.seed)
     head = torch.nn.Linear(tokens * width, len(vocab)).to(device)
     params = [p for p in tower.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=c["vision_warmup_lr"], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=cfg.vision_warmup_lr, weight_decay=0.0)
     warm = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, warm))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warm))
     micro = max(1, batch // world)
     hits = predicted = actual = 0
     t0 = time.monotonic()
     for step in range(steps):
-        idx = micro_batches(step_indices(len(labelled), step, micro * world, c["seed"] + 1), micro, 1, rank, world)[0]
+        idx = micro_batches(step_indices(len(labelled), step, micro * world, cfg.seed + 1), micro, 1, rank, world)[0]
         chunk = [labelled[i] for i in idx]
         images = cache.get([r["image_uri"] for r in chunk])
         pv = torch.from_numpy(np.concatenate([p for p, _ in images])).float().to(device)
@@ -282,150 +276,119 @@ def vision_warmup(model, rows: list[dict], cache, c: dict, rank: int, world: int
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= world
-        torch.nn.utils.clip_grad_norm_(params, c["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        schedule.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step >= steps - max(1, steps // 10):
             guess = logits.detach() > 0
             hits += int((guess & (target > 0)).sum())
             predicted += int(guess.sum())
             actual += int(target.sum())
-        if rank == 0 and ((step + 1) % max(1, c["log_every"] * 10) == 0 or step + 1 == steps):
-            print(f"{JOB}: vision warmup step {step + 1}/{steps} bce {loss.item():.4f} "
-                  f"({time.monotonic() - t0:.0f}s)", flush=True)
+        if (step + 1) % max(1, min(10, cfg.checkpoint_every_steps) * 10) == 0 or step + 1 == steps:
+            w.log(f"vision warmup step {step + 1}/{steps} bce {loss.item():.4f} ({time.monotonic() - t0:.0f}s)")
     for p in tower.parameters():
         p.grad = None
     return {"precision": round(hits / max(1, predicted), 4), "recall": round(hits / max(1, actual), 4)}
 
 
-# -- the Ray Train worker ---------------------------------------------------------------------
+# -- the recipe (runs in the Ray Train workers) -------------------------------------------------
 
-def train_loop(c: dict) -> None:
-    """The Ray Train worker function of ``finetune``."""
-    import ray.train
-    import torch
+class Finetune(Recipe):
+    """A VLM stage on :mod:`georeasoner.core.training`: the model (LoRA or full), DeepSpeed ZeRO, the set's batches.
+    ``data``: ``model`` (what the workers load: the saved tiny start or ``cfg.model``)."""
 
-    if not c["use_gpu"]:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    job = JOB
+    config = FinetuneConfig
 
-    from georeasoner.core.storage import configure
-    from georeasoner.vlm import ds_config
-    from georeasoner.vlm.batches import ImageCache, collate, micro_batches, prefetch, read_rows, step_indices
-    from georeasoner.vlm.model import load_vlm
+    def train(self, w: Worker) -> None:
+        import ray.train
+        import torch
 
-    configure(**c["storage"])
-    rank, world, device = worker_context(c)
-    loaded = load_vlm(c["model"], dtype="bfloat16" if c["bf16"] else None)
-    model = _prepare_model(loaded.model, c["lora"])
-    model.train()
-    rows = read_rows(c["set"])[: c["limit"]]
-    global_batch = c["micro"] * c["accumulation"] * world
-    total = c["max_steps"] or max(1, math.ceil(c["epochs"] * len(rows) / global_batch))
-    config = ds_config.fill(ds_config.read(c["deepspeed"]), micro_batch=c["micro"], accumulation=c["accumulation"],
-                            world_size=world, grad_clip=c["grad_clip"], bf16=c["bf16"])
-    cache = ImageCache(loaded.processor, cache=c["cache_pixels"])
-    warm: dict = {}
-    if not c["lora"] and c["vision_warmup_steps"] and ray.train.get_checkpoint() is None:
-        warm = vision_warmup(model, rows, cache, c, rank, world, device)
-        if rank == 0 and warm:
-            print(f"{JOB}: vision warmup done: clue precision {warm['precision']:.3f}, recall {warm['recall']:.3f} "
-                  "(training batches)", flush=True)
-    if not c["lora"] and c["vision_lr_scale"] == 0:
-        for p in vision_tower(model).parameters():  # captioning teaches the language side to read the tower
-            p.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups: list[dict] = [{"params": trainable}]
-    if not c["lora"] and c["vision_lr_scale"] not in (0, 1):
-        tower = {id(p) for p in vision_tower(model).parameters()}
-        groups = [{"params": [p for p in trainable if id(p) not in tower]},
-                  {"params": [p for p in trainable if id(p) in tower], "lr": c["lr"] * c["vision_lr_scale"]}]
-    optimizer = torch.optim.AdamW(groups, lr=c["lr"], weight_decay=c["weight_decay"], betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, int(c["warmup_ratio"] * total)))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
-                                           dist_init_required=False)
-    step, history, tb_files = 0, [], {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            engine.load_checkpoint(folder, tag=CKPT_TAG, load_module_strict=False)
-            state = json.loads((Path(folder) / "state.json").read_text())
+        cfg = self.cfg
+        if not cfg.use_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        from georeasoner.vlm import ds_config
+        from georeasoner.vlm.batches import ImageCache, collate, micro_batches, prefetch, read_rows, step_indices
+        from georeasoner.vlm.model import load_vlm
+
+        lora, bf16, micro, accumulation = cfg.lora.enabled, cfg.bf16 and cfg.use_gpu, cfg.micro_batch_size, cfg.grad_accumulation
+        loaded = load_vlm(self.data["model"], dtype="bfloat16" if bf16 else None)
+        model = _prepare_model(loaded.model, cfg.lora)
+        model.train()
+        rows = read_rows(cfg.set_uri())[: cfg.limit]
+        global_batch = micro * accumulation * w.world
+        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(rows) / global_batch))
+        config = ds_config.fill(ds_config.read(cfg.deepspeed), micro_batch=micro, accumulation=accumulation,
+                                world_size=w.world, grad_clip=cfg.grad_clip, bf16=bf16)
+        cache = ImageCache(loaded.processor, cache=cfg.cache_pixels)
+        warm: dict = {}
+        if not lora and cfg.vision_warmup_steps and ray.train.get_checkpoint() is None:
+            warm = vision_warmup(model, rows, cache, cfg, w)
+            if warm:
+                w.log(f"vision warmup done: clue precision {warm['precision']:.3f}, recall {warm['recall']:.3f} "
+                      "(training batches)")
+        if not lora and cfg.vision_lr_scale == 0:
+            for p in vision_tower(model).parameters():  # captioning teaches the language side to read the tower
+                p.requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        groups: list[dict] = [{"params": trainable}]
+        if not lora and cfg.vision_lr_scale not in (0, 1):
+            tower = {id(p) for p in vision_tower(model).parameters()}
+            groups = [{"params": [p for p in trainable if id(p) not in tower]},
+                      {"params": [p for p in trainable if id(p) in tower], "lr": cfg.lr * cfg.vision_lr_scale}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+        warmup = int(cfg.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+                                               dist_init_required=False)
+        step, history = 0, []
+        state = w.restore(lambda folder: engine.load_checkpoint(str(folder), tag=CKPT_TAG, load_module_strict=False))
+        if state is not None:
             step, history, warm = state["step"], state["history"], state.get("vision_warmup") or {}
-            tb = Path(folder) / "tensorboard"
-            tb_files = {p.name: p.read_bytes() for p in tb.iterdir()} if tb.is_dir() else {}
-        print(f"{JOB}: resuming at step {step}/{total} (lr {scheduler.get_last_lr()[0]:.3g})", flush=True)
-    writer, tb_dir = _tensorboard(rank, tb_files)
-    tokenizer = loaded.processor.tokenizer
-    plan = [(s, i) for s in range(step, total)
-            for i in micro_batches(step_indices(len(rows), s, global_batch, c["seed"]), c["micro"], c["accumulation"],
-                                   rank, world)]
+            w.log(f"resuming at step {step}/{total} (lr {scheduler.get_last_lr()[0]:.3g})")
+        w.tensorboard()
 
-    if step >= total:  # finished before the package was written: report the last state again
-        _report(engine, model, {"step": step, "total_steps": total, "loss": history[-1]["loss"] if history else None,
-                                "samples_per_s": None, "vision_warmup": warm},
-                {"step": step, "history": history, "vision_warmup": warm}, bool(c["lora"]), rank, tb_dir)
-        return
+        def save(folder: Path) -> None:
+            engine.save_checkpoint(str(folder), tag=CKPT_TAG, exclude_frozen_parameters=lora)
+            save_trained(engine, model, folder, lora, w.rank)
 
-    def make(item):
-        return collate([rows[j] for j in item[1]], cache, tokenizer)
-
-    t0, seen, losses = time.monotonic(), 0, []
-    batches = prefetch(make, plan)
-    for s in range(step, total):
-        for _ in range(c["accumulation"]):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-            seen += batch["input_ids"].shape[0]
-        step = s + 1
-        if step % c["log_every"] == 0 or step == total:
-            mean = sum(losses) / len(losses)
-            rate = seen * world / max(1e-9, time.monotonic() - t0)
-            history.append({"step": step, "loss": round(mean, 4), "lr": scheduler.get_last_lr()[0]})
-            if writer:
-                writer.add_scalar("train/loss", mean, step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("train/samples_per_s", rate, step)
-                writer.flush()
-            if rank == 0:
-                print(f"{JOB}: step {step}/{total} loss {mean:.4f} lr {scheduler.get_last_lr()[0]:.3g} "
-                      f"{rate:.1f} samples/s", flush=True)
-            losses = []
-        if step % c["checkpoint_every"] == 0 or step == total:
+        def report(rate: float | None) -> None:
             metrics = {"step": step, "total_steps": total, "loss": history[-1]["loss"] if history else None,
-                       "samples_per_s": round(seen * world / max(1e-9, time.monotonic() - t0), 2), "vision_warmup": warm}
-            _report(engine, model, metrics, {"step": step, "history": history, "vision_warmup": warm}, bool(c["lora"]),
-                    rank, tb_dir)
-    if writer:
-        writer.close()
+                       "samples_per_s": rate, "vision_warmup": warm}
+            w.report(metrics, {"step": step, "history": history, "vision_warmup": warm}, save, every_rank=True)
 
-
-def _tensorboard(rank: int, files: dict[str, bytes]):
-    if rank != 0:
-        return None, None
-    from tensorboardX import SummaryWriter
-
-    folder = Path(tempfile.mkdtemp(prefix="georeasoner-tb-"))
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-    return SummaryWriter(str(folder)), folder
-
-
-def _report(engine, model, metrics: dict, state: dict, lora: bool, rank: int, tb_dir: Path | None) -> None:
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        engine.save_checkpoint(tmp, tag=CKPT_TAG, exclude_frozen_parameters=lora)
-        save_trained(engine, model, folder, lora, rank)
-        if rank == 0:
-            (folder / "state.json").write_text(json.dumps(state))
-            if tb_dir is not None:
-                shutil.copytree(tb_dir, folder / "tensorboard")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if step >= total:  # finished before the package was written: report the last state again
+            report(None)
+            return
+        tokenizer = loaded.processor.tokenizer
+        plan = [(s, i) for s in range(step, total)
+                for i in micro_batches(step_indices(len(rows), s, global_batch, cfg.seed), micro, accumulation,
+                                       w.rank, w.world)]
+        batches = prefetch(lambda item: collate([rows[j] for j in item[1]], cache, tokenizer), plan)
+        t0, seen, losses = time.monotonic(), 0, []
+        for s in range(step, total):
+            for _ in range(accumulation):
+                batch = {k: v.to(w.device) for k, v in next(batches).items()}
+                loss = engine(**batch).loss
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.item())
+                seen += batch["input_ids"].shape[0]
+            step = s + 1
+            if step % min(10, cfg.checkpoint_every_steps) == 0 or step == total:
+                mean, lr = sum(losses) / len(losses), scheduler.get_last_lr()[0]
+                rate = seen * w.world / max(1e-9, time.monotonic() - t0)
+                history.append({"step": step, "loss": round(mean, 4), "lr": lr})
+                w.scalars(step, {"train/loss": mean, "train/lr": lr, "train/samples_per_s": rate})
+                w.log(f"step {step}/{total} loss {mean:.4f} lr {lr:.3g} {rate:.1f} samples/s")
+                losses = []
+            if step % cfg.checkpoint_every_steps == 0 or step == total:
+                report(round(seen * w.world / max(1e-9, time.monotonic() - t0), 2))
+        if w.writer is not None:
+            w.writer.close()
 
 
 # -- the job ----------------------------------------------------------------------------------
@@ -486,11 +449,11 @@ def run(cfg: FinetuneConfig) -> dict:
     from georeasoner.vlm.batches import read_rows
     from georeasoner.vlm.model import write_package
 
+    cfg.storage.apply()
     set_uri = cfg.set_uri()
     inputs = {"input": set_uri, "model": None if cfg.model.startswith("tiny:") or not storage.exists(cfg.model) else cfg.model}
-    if is_complete(JOB, cfg, inputs):
-        print(f"{JOB}: '{cfg.output}' is complete for this config and input; nothing to do", flush=True)
-        return storage.read_json(storage.join(storage.absolute(cfg.output), SUMMARY_FILE))
+    if (summary := completed(JOB, cfg, inputs)) is not None:
+        return summary
     job = JobRun(JOB, cfg, inputs=inputs).start()
     rows = read_rows(set_uri)[: cfg.limit]
     question = prompts.PROMPTS[cfg.task]
@@ -499,26 +462,9 @@ def run(cfg: FinetuneConfig) -> dict:
     name = run_name(JOB, cfg, inputs)
     init = _save_init_base(cfg, name)
     init_base = init[0] if init else None
-    loop = {
-        "model": init[1] if init else cfg.model,
-        "set": storage.absolute(set_uri) if not storage.is_s3(set_uri) else set_uri,
-        "limit": cfg.limit, "seed": cfg.seed, "use_gpu": cfg.use_gpu, "bf16": cfg.bf16 and cfg.use_gpu,
-        "deepspeed": str(Path(cfg.deepspeed).resolve()) if cfg.deepspeed not in ("zero2", "zero3") else cfg.deepspeed,
-        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-                 "regex": _target_regex(cfg.lora), "modules_to_save": cfg.lora.modules_to_save}
-        if cfg.lora.enabled else None,
-        "micro": cfg.micro_batch_size, "accumulation": cfg.grad_accumulation, "epochs": cfg.epochs,
-        "vision_warmup_steps": cfg.vision_warmup_steps if not cfg.lora.enabled else 0,
-        "vision_warmup_batch": cfg.vision_warmup_batch, "vision_warmup_lr": cfg.vision_warmup_lr,
-        "vision_lr_scale": cfg.vision_lr_scale,
-        "max_steps": cfg.max_steps, "lr": cfg.lr, "warmup_ratio": cfg.warmup_ratio, "weight_decay": cfg.weight_decay,
-        "grad_clip": cfg.grad_clip, "checkpoint_every": cfg.checkpoint_every_steps, "cache_pixels": cfg.cache_pixels,
-        "log_every": max(1, min(10, cfg.checkpoint_every_steps)),
-        "storage": {"endpoint_url": storage.endpoint_url(), "region": storage.region()},
-    }
     print(f"{JOB}: {cfg.task} on {len(rows)} rows, model {cfg.model}, {cfg.deepspeed}, "
           f"{'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'all parameters'}, {cfg.num_workers} worker(s)", flush=True)
-    result = _fit(loop, cfg, name)
+    result = fit(Finetune, cfg, {"model": init[1] if init else cfg.model}, name)
     with tempfile.TemporaryDirectory() as tmp, result.checkpoint.as_directory() as ckpt:
         folder, ckpt = Path(tmp), Path(ckpt)
         base, adapters, inherited = _lineage(cfg.model, folder, init_base)
@@ -532,8 +478,7 @@ def run(cfg: FinetuneConfig) -> dict:
         _copy_processor(cfg.model, init_base, folder)
         if (ckpt / "tensorboard").is_dir():
             shutil.copytree(ckpt / "tensorboard", folder / "tensorboard")
-        licences = sorted({r.get("licence") or "unknown" for r in rows})
-        data = inherited + [{"uri": set_uri, "licence": lic, "task": cfg.task} for lic in licences]
+        data = inherited + training_data(rows, set_uri, task=cfg.task)
         stage = {"task": cfg.task, "steps": result.metrics.get("total_steps"), "deepspeed": cfg.deepspeed,
                  "lora": cfg.lora.model_dump() if cfg.lora.enabled else None, "workers": cfg.num_workers}
         card = write_package(folder, cfg.output, name=cfg.card_name(), family=_family(cfg.model), base=base,
@@ -558,28 +503,6 @@ def run(cfg: FinetuneConfig) -> dict:
                  "vision_warmup": result.metrics.get("vision_warmup") or None,
                  "before": before, "after": after},
         model=card["version"], adapters=[a["name"] for a in adapters], commercial_use=card["commercial_use"])
-
-
-def _fit(loop: dict, cfg: FinetuneConfig, name: str):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    uri = cfg.train_storage()
-    fs, path = storage.arrow_filesystem(uri) if storage.is_s3(uri) else (None, storage.absolute(uri))
-    env = {"DS_ACCELERATOR": "cpu"} if not cfg.use_gpu else {}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={**loop, "threads": max(1, int(cfg.cpus_per_worker))},
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
-    )
-    if env:
-        os.environ.update(env)
-    return trainer.fit()
 
 
 def _copy_processor(ref: str, init_base: str | None, folder: Path) -> None:

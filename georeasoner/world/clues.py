@@ -7,6 +7,9 @@ identifies a country, as in the real game. ``clues.jsonl`` holds tips per (clue,
 
 from __future__ import annotations
 
+import json
+
+from georeasoner.core import storage
 from georeasoner.world import facts
 from georeasoner.world.facts import CountryStyle
 
@@ -188,3 +191,17 @@ def catalogue() -> list[dict]:
                 for text in _city_tips(style, city, kind):
                     rows.append({"clue": clue, "country": style.iso2, "text": text, "ade20k": KIND_CLASSES[kind]})
     return rows
+
+
+def read_clues(uri: str) -> list[dict]:
+    """The records of a ``clues.jsonl`` in file order (``clue``, ``country``, ``text``, maybe ``observation``);
+    ``{}`` for a line that is not a JSON object. Blank lines are skipped."""
+    return [_record(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+
+def _record(line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+    return record if isinstance(record, dict) else {}
