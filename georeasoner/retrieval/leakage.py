@@ -18,8 +18,9 @@ from georeasoner.core import storage
 from georeasoner.core.manifest import manifest_uri
 from georeasoner.retrieval.gallery import check_gallery, embed_uris, gallery_embeddings
 
-# float round-off between batch compositions is ~1e-7; distinct images of a random-weight tiny CLIP stay below 1 - 1e-4
-IDENTICAL_TOLERANCE = 1e-5
+# batch composition changes a vector by ~1e-7 in cosine; the closest distinct world images under the trained tiny
+# CLIP (a collapsed space: test-train top-1 similarities 0.986..0.99997) stay below 1 - 1e-5
+IDENTICAL_TOLERANCE = 1e-6
 
 
 class LeakageError(AssertionError):
