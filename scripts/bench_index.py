@@ -51,7 +51,7 @@ def spec_for(kind: str, n: int, dim: int):
     if kind == "ivfpq":
         nlist = max(16, 2 ** round(math.log2(4 * math.sqrt(n))))
         return IndexSpec(kind="ivfpq", nlist=nlist, nprobe=max(8, nlist // 32), pq_m=dim // 8, pq_bits=8,
-                         refine="sq8", refine_k=4, train_size=min(n, 40 * nlist))
+                         refine="sq8", refine_k=4, train_size=min(n, 32 * nlist))
     if kind == "hnsw":
         return IndexSpec(kind="hnsw", hnsw_m=32, ef_construction=80, ef_search=96)
     return IndexSpec(kind=kind)
@@ -80,10 +80,13 @@ def measure(kind: str, base: np.ndarray, queries: np.ndarray, k: int, batch: int
         lat.append(time.perf_counter() - t)
     found = np.concatenate(found)
     recall = (float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)])) if truth is not None else 1.0)
-    params = {"flat": "exact inner product",
-              "ivfpq": f"IVF{faiss.extract_index_ivf(index).nlist},PQ{spec.pq_m}x{spec.pq_bits}, nprobe {spec.nprobe}, "
-                       f"refine sq8 x{spec.refine_k}, trained on {spec.train_size}",
-              "hnsw": f"M {spec.hnsw_m}, efConstruction {spec.ef_construction}, efSearch {spec.ef_search}"}[kind]
+    if kind == "ivfpq":
+        params = (f"IVF{faiss.extract_index_ivf(index).nlist},PQ{spec.pq_m}x{spec.pq_bits}, nprobe {spec.nprobe}, "
+                  f"refine sq8 x{spec.refine_k}, trained on {spec.train_size}")
+    elif kind == "hnsw":
+        params = f"M {spec.hnsw_m}, efConstruction {spec.ef_construction}, efSearch {spec.ef_search}"
+    else:
+        params = "exact inner product"
     del index
     return {"kind": kind, "params": params, "build_s": build_s, "bytes": size, "rss_growth": grown,
             "p50_ms": 1e3 * float(np.percentile(lat, 50)), "p99_ms": 1e3 * float(np.percentile(lat, 99)),
