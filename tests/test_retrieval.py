@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 import pytest
 
 from georeasoner.core import storage
-from georeasoner.core.config import load_config
+from georeasoner.core.config import ConfigError, load_config
 from georeasoner.core.runner import main
 from georeasoner.evaluation.evaluate import EvaluateConfig
 from georeasoner.evaluation.evaluate import run as evaluate
@@ -174,6 +174,9 @@ def test_config_errors_exit_2_with_one_line(world, gallery, tmp_path, capsys):
         first = err.splitlines()[0]
         assert want in first and names in first, (argv, err)
         assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match="engine vlm needs model"):  # in-process too, before any work
+        geo_run(GeolocateConfig(input=str(world), output=str(tmp_path / "a")))
+    assert not (tmp_path / "a").exists()
 
 
 def test_configs_parse_and_vlm_hash_unchanged():

@@ -249,6 +249,8 @@ def run(cfg: GeolocateConfig) -> dict:
     cfg.storage.apply()
     if cfg.min_locatability is not None and not cfg.scores:
         raise ConfigError("config error: min_locatability needs scores (the output of jobs/score_locatability.py)")
+    if cfg.engine == "vlm" and not cfg.model:
+        raise ConfigError(f"config error: engine vlm needs model ({MAKERS['model']})")
     sel = select_keys(cfg)
     if not sel.uris:
         raise InputError(f"input error: input '{cfg.input}' selects no images"
