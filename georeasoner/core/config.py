@@ -78,9 +78,13 @@ class JobConfig(StrictModel):
         """
         return _absolutize(self, top=True)
 
+    def hash_excluded(self) -> set[str]:
+        """Keys that do not bear on this config's output besides the runtime keys (e.g. another engine's keys)."""
+        return set()
+
     def config_hash(self) -> str:
         """Hash of the keys that determine the output (runtime keys, ray, storage, overwrite, limit excluded)."""
-        skip = {"ray", "storage", "overwrite", "limit", *self.runtime_keys}
+        skip = {"ray", "storage", "overwrite", "limit", *self.runtime_keys, *self.hash_excluded()}
         data = {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -89,6 +89,7 @@ class Adapter:
     load: Callable[[], Model]
     source: str = "image_uri"  # the row column whose object is read (teacher masks: mask_uri)
     single_file: str | None = None  # consolidate the parts into this one file, in key order, at the end
+    carry: tuple[str, ...] = ()  # key-table columns copied into each output row by the driver (e.g. a manifest's labels)
 
 
 # -- reading and decoding --------------------------------------------------------------------
@@ -269,15 +270,29 @@ def decode_tasks(cfg: InferenceConfig, cpus: float) -> int:
     return max(1, int(free / cfg.decode_cpus))
 
 
-def as_keys(rows: list[dict[str, Any]] | pa.Table, source: str) -> pa.Table:
-    """The job's keys as an Arrow table ``image_uri[, source]`` (a list of row dicts is accepted)."""
+def as_keys(rows: list[dict[str, Any]] | pa.Table, source: str, carry: tuple[str, ...] = ()) -> pa.Table:
+    """The job's keys as an Arrow table ``image_uri[, source][, carry...]`` (a list of row dicts is accepted)."""
     if isinstance(rows, list):
         cols = {"image_uri": [r["image_uri"] for r in rows]}
         if source != "image_uri":
             cols[source] = [r.get(source) for r in rows]
+        cols.update({c: [r.get(c) for r in rows] for c in carry})
         rows = pa.table(cols)
     names = ["image_uri"] + ([source] if source != "image_uri" else [])
-    return rows.select(names).cast(pa.schema([(n, pa.string()) for n in names]))
+    keys = rows.select(names).cast(pa.schema([(n, pa.string()) for n in names]))
+    for c in carry:
+        keys = keys.append_column(c, rows.column(c))
+    return keys
+
+
+def with_carried(table: pa.Table, keys: pa.Table, carry: tuple[str, ...]) -> pa.Table:
+    """``table``'s rows with the ``carry`` columns of their keys (joined on ``image_uri``)."""
+    if not carry:
+        return table
+    where = pc.index_in(table.column("image_uri"), value_set=keys.column("image_uri"))
+    for c in carry:
+        table = table.set_column(table.schema.get_field_index(c), c, keys.column(c).take(where))
+    return table
 
 
 def process(job: JobRun, cfg: InferenceConfig, adapter: Adapter, keys: pa.Table) -> tuple[Progress, list, float]:
@@ -301,7 +316,7 @@ def process(job: JobRun, cfg: InferenceConfig, adapter: Adapter, keys: pa.Table)
     if adapter.source not in todo.column_names:
         todo = todo.append_column(adapter.source, todo.column("image_uri"))
     cpus = cluster_cpus()
-    ds = ray.data.from_arrow(key_blocks(todo, cfg.batch_size, cpus))
+    ds = ray.data.from_arrow(key_blocks(todo.select(list(dict.fromkeys(["image_uri", adapter.source]))), cfg.batch_size, cpus))
     # Ray Data fuses a task stage into the next actor stage when their resource requests match, which
     # would decode serially inside the model actors: keep the two requests distinct.
     decode_cpus = cfg.decode_cpus if (cfg.decode_cpus != cfg.actor_cpus or cfg.actor_gpus) else cfg.decode_cpus * 0.99
@@ -314,7 +329,7 @@ def process(job: JobRun, cfg: InferenceConfig, adapter: Adapter, keys: pa.Table)
     part = next_part_index(job.output)
     for table in ds.iter_batches(batch_size=cfg.rows_per_part, batch_format="pyarrow", prefetch_batches=1):
         started = time.monotonic()
-        table = table.select(adapter.schema.names).cast(adapter.schema)
+        table = with_carried(table.select(adapter.schema.names), keys, adapter.carry).cast(adapter.schema)
         storage.write_parquet(table, job.path(f"{PART_PREFIX}{part:06d}.parquet"), schema_version=SCHEMA_VERSION)
         writing += time.monotonic() - started
         part += 1
@@ -351,7 +366,7 @@ def run(job: JobRun, cfg: InferenceConfig, adapter: Adapter, rows: list[dict[str
         summarise: Callable[[pa.Table], tuple[dict[str, Any], dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Process the keys (``image_uri`` and the adapter's source column; row dicts or an Arrow table) on the started
     ``job`` and finish it: ``summarise(table)`` gives the job's own (counts, extra summary keys)."""
-    keys = as_keys(rows, adapter.source)
+    keys = as_keys(rows, adapter.source, adapter.carry)
     progress, marks, writing = process(job, cfg, adapter, keys)
     table = written(job.output, adapter)
     counts, errors = common_counts(table, keys.column("image_uri"))

@@ -38,6 +38,7 @@ MAKERS = {
     "input": "a prefix of images, or a manifest made by jobs/make_world.py or jobs/ingest.py",
     "model": "a VLM package made by jobs/finetune.py",
     "scores": "locatability scores made by jobs/score_locatability.py",
+    "index": "a gallery made by jobs/build_index.py",
 }
 
 
@@ -45,7 +46,10 @@ class GeolocateConfig(inference.InferenceConfig):
     """Config of ``jobs/geolocate.py``."""
 
     input: str = Field(..., description="a prefix of images (local folder or s3://) or a manifest.parquet (file or folder)")
-    model: str = Field(..., description="VLM package (local folder or s3://) made by finetune; also tiny:qwen2-vl, a checkpoint folder or a hub id")
+    engine: Literal["vlm", "knn"] = Field("vlm", description="vlm: the VLM package answers; knn: the nearest gallery images vote")
+    model: str | None = Field(None, description="engine vlm: VLM package (local folder or s3://) made by finetune; also tiny:qwen2-vl, a checkpoint folder or a hub id")
+    index: str | None = Field(None, description="engine knn: a gallery (local folder or s3://) made by build_index")
+    k: int = Field(16, ge=1, description="engine knn: nearest gallery images that vote")
     splits: list[str] | None = Field(None, description="with a manifest input: only rows of these splits (e.g. [test]); default all rows")
     scores: str | None = Field(None, description="score_locatability output (or any Parquet with image_uri + locatability)")
     min_locatability: float | None = Field(
@@ -60,6 +64,9 @@ class GeolocateConfig(inference.InferenceConfig):
     suffixes: list[str] | None = Field(None, description="with a prefix input: only keys with these endings (default: every key)")
     dry_run_sample: int = Field(16, ge=1, description="images answered to measure throughput in a dry run")
 
+    def hash_excluded(self) -> set[str]:
+        return {"engine", "index", "k"} if self.engine == "vlm" else {"model", "max_side", "max_new_tokens", "dtype"}
+
     def check_inputs(self) -> None:
         if self.min_locatability is not None and not self.scores:
             raise ConfigError("config error: min_locatability needs scores (the output of jobs/score_locatability.py)")
@@ -67,6 +74,20 @@ class GeolocateConfig(inference.InferenceConfig):
             raise InputError(f"input error: input '{self.input}' does not exist ({MAKERS['input']})")
         if self.splits and manifest_uri(self.input) is None:
             raise ConfigError(f"config error: splits {self.splits} need a manifest input; '{self.input}' is a prefix of images (set splits=null)")
+        if self.engine == "knn":
+            from georeasoner.retrieval.gallery import check_gallery
+
+            if not self.index:
+                raise ConfigError(f"config error: engine knn needs index ({MAKERS['index']})")
+            check_gallery(self.index)
+        elif not self.model:
+            raise ConfigError(f"config error: engine vlm needs model ({MAKERS['model']})")
+        else:
+            self._check_model()
+        if self.scores and not storage.exists(self.scores):
+            raise InputError(f"input error: scores '{self.scores}' does not exist ({MAKERS['scores']})")
+
+    def _check_model(self) -> None:
         try:
             from georeasoner.vlm.model import check_reference
 
@@ -74,8 +95,6 @@ class GeolocateConfig(inference.InferenceConfig):
         except ValueError:
             what = "is not a VLM package" if storage.exists(self.model) else "does not exist"
             raise InputError(f"input error: model '{self.model}' {what} ({MAKERS['model']})") from None
-        if self.scores and not storage.exists(self.scores):
-            raise InputError(f"input error: scores '{self.scores}' does not exist ({MAKERS['scores']})")
 
 
 # -- selection ----------------------------------------------------------------------------
@@ -186,6 +205,10 @@ class VLMModel:
 
 
 def adapter(cfg: GeolocateConfig) -> inference.Adapter:
+    if cfg.engine == "knn":
+        from georeasoner.retrieval import knn
+
+        return knn.adapter(JOB, cfg.index, cfg.k, cfg.device)
     return inference.Adapter(JOB, ANSWER_SCHEMA, functools.partial(decode_downsized, max_side=cfg.max_side),
                              functools.partial(VLMModel, cfg.model, cfg.device, cfg.dtype, cfg.max_new_tokens, cfg.seed))
 
@@ -226,6 +249,8 @@ def run(cfg: GeolocateConfig) -> dict:
     cfg.storage.apply()
     if cfg.min_locatability is not None and not cfg.scores:
         raise ConfigError("config error: min_locatability needs scores (the output of jobs/score_locatability.py)")
+    if cfg.engine == "vlm" and not cfg.model:
+        raise ConfigError(f"config error: engine vlm needs model ({MAKERS['model']})")
     sel = select_keys(cfg)
     if not sel.uris:
         raise InputError(f"input error: input '{cfg.input}' selects no images"
@@ -234,9 +259,13 @@ def run(cfg: GeolocateConfig) -> dict:
     rows = pa.table({"image_uri": pa.array(sel.uris, pa.string())})
     if cfg.dry_run:
         return inference.dry_run(cfg, adapter(cfg), rows, sel.total_bytes, skipped_below_threshold=len(sel.skipped))
-    version = model_version(cfg.model, cfg.seed)
-    job = JobRun(JOB, cfg, model_version=version,
-                 inputs={"input": cfg.input, "model": cfg.model, "scores": cfg.scores}).start()
+    if cfg.engine == "knn":
+        from georeasoner.retrieval.knn import index_version
+
+        version, inputs = index_version(cfg.index), {"input": cfg.input, "index": cfg.index, "scores": cfg.scores}
+    else:
+        version, inputs = model_version(cfg.model, cfg.seed), {"input": cfg.input, "model": cfg.model, "scores": cfg.scores}
+    job = JobRun(JOB, cfg, model_version=version, inputs=inputs).start()
     if cfg.min_locatability is not None:
         skipped = pa.table({"image_uri": pa.array([u for u, _ in sel.skipped], pa.string()),
                             "locatability": pa.array([s for _, s in sel.skipped], pa.float32())})
