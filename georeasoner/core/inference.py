@@ -13,7 +13,7 @@ The engine gives all of them the same guarantees (docs/conventions.md › Output
 - progress lines, the steady rate (actor start-up excluded), a dry run that times a sample and estimates the run,
   and the summary counts (items, listed, errors, duplicates, missing, not_listed).
 
-Ray Data plan: ``from_items(rows)`` -> ``map_batches(decode, num_cpus=decode_cpus)`` (tasks) ->
+Ray Data plan: ``from_arrow(key blocks)`` -> ``map_batches(decode, num_cpus=decode_cpus)`` (tasks) ->
 ``map_batches(ModelStage, compute=ActorPoolStrategy(actor_pool_min, actor_pool_max), num_cpus=actor_cpus,
 num_gpus=actor_gpus)`` -> the driver writes parts.
 """
