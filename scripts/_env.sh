@@ -17,10 +17,16 @@ fi
 STAMP="$VENV/.georeasoner-install"
 WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
-  echo "[setup] installing the project and its dependencies into .venv (first run: a few minutes)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+  LOG="$VENV/install.log"
+  echo "[setup] installing the project and its dependencies into .venv (first run: a few minutes; log: $LOG)"
+  # pip's own chatter (and any index notices of this machine's pip config) goes to the log; a failure shows its end.
   # DeepSpeed compiles its ops on first use instead of at install time.
-  DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+  if ! { "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel \
+         && DS_BUILD_OPS=0 "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"; } > "$LOG" 2>&1; then
+    tail -n 40 "$LOG" >&2
+    echo "[setup] install failed: see $LOG" >&2
+    exit 1
+  fi
   echo "$WANT" > "$STAMP"
 fi
 

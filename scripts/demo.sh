@@ -5,7 +5,8 @@
 # (set DEMO_SERVE=0 to leave that out).
 source "$(dirname "$0")/_env.sh"
 OUT="$ROOT/outputs/local"
-python jobs/pipeline.py --config configs/pipeline/local.yaml "$@"
+# the terminal shows the project's own lines; everything (Ray's lines too) goes to outputs/local/demo.log
+python jobs/pipeline.py --config configs/pipeline/local.yaml "$@" 2>&1 | python scripts/demo_log.py "$OUT/demo.log"
 python scripts/demo_summary.py "$OUT"
 if [ "${DEMO_SERVE:-1}" != "0" ]; then
   echo

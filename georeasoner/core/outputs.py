@@ -174,14 +174,18 @@ class JobRun:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    """A short human-readable summary on stdout, ending with the output location."""
-    print(f"== {summary['job']} summary ==")
-    for key, value in summary["counts"].items():
-        print(f"  {key}: {value}")
+    """A short human-readable summary on stdout (the counts wrapped to a few lines), ending with the output."""
+    import textwrap
+
+    def shown(value: Any) -> Any:
+        return round(value, 4) if isinstance(value, float) else value
+
+    counts = ", ".join(f"{k} {shown(v)}" for k, v in summary["counts"].items())
+    rate = f", {summary['items_per_s']:.1f}/s" if summary.get("items_per_s") else ""
+    print(f"== {summary['job']} summary == ({summary['seconds']:.1f}s{rate})")
+    print(textwrap.fill(counts, width=116, initial_indent="  ", subsequent_indent="  "))
     if summary.get("errors_by_kind"):
         print("  errors: " + ", ".join(f"{k}={v}" for k, v in sorted(summary["errors_by_kind"].items())))
-    rate = f", {summary['items_per_s']}/s" if summary.get("items_per_s") else ""
-    print(f"  time: {summary['seconds']:.1f}s{rate}")
     print(f"output: {summary['output']}", flush=True)
 
 
