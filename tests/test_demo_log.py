@@ -16,6 +16,7 @@ LINES = [
     "[2026-12-01 19:01:47,980 E 21762 21762] core_worker.cc:2465: Actor with class name: 'MapWorker'",
     "/x/.venv/lib/python3.11/site-packages/transformers/modeling_utils.py:3312: FutureWarning: deprecated",
     "  warnings.warn(",
+    "\x1b[36m(MapWorker(MapBatches(ModelStage)) pid=5533)\x1b[0m   warnings.warn(",
     "Loading weights:  50%|█████     | 1/2 [00:00<00:00, 3.1it/s]",
     "geolocate: 250/307 images (81%) 9.9/s eta 6s",
     "  country accuracy                  0.272            0.147",

@@ -122,7 +122,8 @@ def _logits_in_process(loaded) -> np.ndarray:
         return loaded.model(**batch).logits.float().numpy()
 
 
-@pytest.mark.parametrize("zeros", [("zero2", "zero3"), ("zero3", "zero2")], ids=["s1zero2-s2zero3", "s1zero3-s2zero2"])
+# one combination covers both ZeRO stages and the merge between them; the full ZeRO matrix is scripts/bench_train.py's
+@pytest.mark.parametrize("zeros", [("zero2", "zero3")], ids=["s1zero2-s2zero3"])
 def test_two_stages_on_two_workers(zeros, sft, tmp_path, ray_session):
     """Stage 1 LoRA on a tiny random base, stage 2 a fresh adapter on stage 1 merged; non-empty adapters;
     the packages load back to the same logits in a fresh process."""

@@ -69,7 +69,7 @@ def test_baseline_killed_half_way_then_resumed(world, tmp_path):
     model = _clip_package(tmp_path)
     rows = [r for r in storage.read_parquet(str(world / "manifest.parquet")).to_pylist() if r["split"] == "test"]
     many = []
-    for i in range(1000):  # distinct keys: copies of the test images
+    for i in range(500):  # distinct keys: copies of the test images
         r = rows[i % len(rows)]
         path = tmp_path / "img" / f"{i:05d}.jpg"
         path.parent.mkdir(exist_ok=True)
@@ -78,7 +78,7 @@ def test_baseline_killed_half_way_then_resumed(world, tmp_path):
     storage.write_parquet(pa.Table.from_pylist(many), str(tmp_path / "m" / "manifest.parquet"), schema_version=1)
     out = str(tmp_path / "baseline")
     args = [sys.executable, str(REPO / "jobs" / "baseline_zeroshot.py"), "--config", "configs/baseline_zeroshot/local.yaml",
-            f"input={tmp_path / 'm'}", f"model={model}", f"output={out}", "rows_per_part=16", "batch_size=8"]
+            f"input={tmp_path / 'm'}", f"model={model}", f"output={out}", "rows_per_part=8", "batch_size=4"]
     rerun = _kill_half_way_then_resume(args, out, len(many))
     assert "== baseline_zeroshot summary ==" in rerun.stdout
     table = _every_key_once(f"{out}/answers.parquet", [r["image_uri"] for r in many])

@@ -383,7 +383,7 @@ class Finetune(Recipe):
                 rate = seen * w.world / max(1e-9, time.monotonic() - t0)
                 history.append({"step": step, "loss": round(mean, 4), "lr": lr})
                 w.scalars(step, {"train/loss": mean, "train/lr": lr, "train/samples_per_s": rate})
-                if step % max(10, total // 10) < 10 or step == total:  # about ten progress lines a stage
+                if step // max(10, total // 10) > (step - 10) // max(10, total // 10) or step == total:  # ~10 a stage
                     w.log(f"step {step}/{total} loss {mean:.4f} lr {lr:.3g} {rate:.1f} samples/s")
                 losses = []
             if step % cfg.checkpoint_every_steps == 0 or step == total:
