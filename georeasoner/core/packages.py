@@ -97,10 +97,17 @@ def local_copy(uri: str) -> Path:
     dest = cache_root() / "packages" / key
     if (dest / CARD).is_file():
         return dest
+    return copy_into_cache(uri, list(storage.iter_files(uri, include_hidden=True)), dest)
+
+
+def copy_into_cache(uri: str, entries: list, dest: Path) -> Path:
+    """Copy the listed objects under ``uri`` to ``dest`` (every key checked by :func:`cache_target` before any
+    write), through a temporary folder renamed into place; a concurrent copy that won the race is kept."""
+    import shutil
+
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     prefix = uri.rstrip("/") + "/"
-    entries = list(storage.iter_files(uri, include_hidden=True))
-    targets = [cache_target(tmp, entry.uri[len(prefix):], uri) for entry in entries]  # all checked before any write
+    targets = [cache_target(tmp, entry.uri[len(prefix):], uri) for entry in entries]
     for entry, target in zip(entries, targets):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(storage.read_bytes(entry.uri))
@@ -108,7 +115,7 @@ def local_copy(uri: str) -> Path:
     try:
         os.replace(tmp, dest)
     except OSError:  # another process won the race
-        pass
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

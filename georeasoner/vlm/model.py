@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -226,18 +224,7 @@ def local_checkpoint(ref: str) -> str:
     dest = packages.cache_root() / "checkpoints" / hashlib.sha256(f"{ref}|{ident}".encode()).hexdigest()[:16]
     if (dest / "config.json").is_file():
         return str(dest)
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    prefix = ref.rstrip("/") + "/"
-    targets = [packages.cache_target(tmp, entry.uri[len(prefix):], ref) for entry in entries]  # checked first
-    for entry, target in zip(entries, targets):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(storage.read_bytes(entry.uri))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, dest)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(dest)
+    return str(packages.copy_into_cache(ref, entries, dest))
 
 
 def _torch_dtype(dtype: str | None):
