@@ -31,6 +31,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train_locatability": ("georeasoner.locatability.train", "train_locatability/{variant}"),
     "score_locatability": ("georeasoner.locatability.score", "score_locatability/{variant}"),
     "curate": ("georeasoner.locatability.curate", "curate/{variant}"),
+    "build_index": ("georeasoner.retrieval.gallery", "build_index/{variant}"),
     "build_sft": ("georeasoner.vlm.sft", "build_sft/{variant}"),
     "finetune_base": ("georeasoner.vlm.finetune", "finetune/base_{variant}"),
     "finetune_reasoning": ("georeasoner.vlm.finetune", "finetune/reasoning_{variant}"),

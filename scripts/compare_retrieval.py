@@ -1,9 +1,10 @@
-"""Zero-shot CLIP vs kNN retrieval (vs the VLM when there is one) on the world's test split, measured in one run.
+"""Zero-shot CLIP vs kNN retrieval vs the VLM vs the VLM with retrieval, on the world's test split, in one run.
 
 Builds the gallery from the world's train split (``jobs/build_index.py``'s ``run``), checks that no test image is in
 it (by URI and by identical embedding: :func:`georeasoner.retrieval.check_no_leakage`), answers the test split with
 ``geolocate`` (``engine=knn``), ``baseline_zeroshot`` and, when a VLM package is given, ``geolocate``
-(``engine=vlm``), evaluates each with ``evaluate`` and prints one table. A tiny CLIP is trained first
+(``engine=vlm``) twice: without an index (VLM alone) and with it (VLM + retrieval: the prompt names the image's
+``--prompt-k`` nearest gallery images, as stage 2 was trained), evaluates each with ``evaluate`` and prints one table. A tiny CLIP is trained first
 (``configs/pretrain_clip/local.yaml``, a few minutes) when ``--clip`` does not exist.
 
     python scripts/compare_retrieval.py [--world outputs/local/world] [--clip outputs/local/clip]
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--index", default="outputs/local/index", help="where the gallery is built")
     ap.add_argument("--out", default="outputs/local/retrieval", help="answers and metrics of this comparison")
     ap.add_argument("--k", type=int, default=16, help="neighbours that vote")
+    ap.add_argument("--prompt-k", type=int, default=5, help="neighbours named in the VLM's prompt")
     ap.add_argument("--overwrite", action="store_true", help="replace outputs written with another config")
     a = ap.parse_args()
 
@@ -91,8 +93,12 @@ def main() -> None:
                                           f"k={a.k}", "scores=null", f"output={out}/knn")),
     }
     if not a.no_vlm and storage.is_file(f"{a.vlm}/model_card.json"):
-        runs["VLM"] = (geolocate, cfg(GeolocateConfig, "geolocate", f"input={world}", f"model={Path(a.vlm).resolve()}",
+        vlm = Path(a.vlm).resolve()
+        runs["VLM"] = (geolocate, cfg(GeolocateConfig, "geolocate", f"input={world}", f"model={vlm}", "index=null",
                                       "scores=null", f"output={out}/vlm"))
+        runs["VLM + retrieval"] = (geolocate, cfg(GeolocateConfig, "geolocate", f"input={world}", f"model={vlm}",
+                                                  f"index={index}", f"prompt_k={a.prompt_k}", "scores=null",
+                                                  f"output={out}/vlm-retrieval"))
     results, seconds = {}, {}
     for i, (name, (job, c)) in enumerate(runs.items()):
         print(f"== {name}: the world's test split ==", flush=True)

@@ -29,7 +29,7 @@ from georeasoner.vlm import prompts  # noqa: E402
 
 OUT = ROOT / "outputs" / "local"
 CHAIN = ["make_world", "clue_weights", "teacher_labels", "pretrain_clip", "train_locatability",
-         "score_locatability", "curate", "build_sft", "finetune_base", "finetune_reasoning", "finetune_location"]
+         "score_locatability", "curate", "build_index", "build_sft", "finetune_base", "finetune_reasoning", "finetune_location"]
 
 
 def ensure_chain() -> None:

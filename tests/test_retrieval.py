@@ -19,7 +19,14 @@ from georeasoner.retrieval.gallery import CARD_FILE, INDEX_FILE, ROWS_FILE, Buil
 from georeasoner.retrieval.gallery import run as build_index
 from georeasoner.retrieval.index import IndexSpec, build_index as faiss_index, read_index, write_index
 from georeasoner.retrieval.knn import vote
+from georeasoner.core.images import decode_image
+from georeasoner.geo import country_name
+from georeasoner.geolocate.batch import VLMModel
+from georeasoner.retrieval.neighbours import NeighbourSpec, Neighbours
 from georeasoner.vlm.answers import ANSWER_SCHEMA
+from georeasoner.vlm.prompts import INFERENCE_PROMPT, NEAR_INTRO, with_neighbours
+from georeasoner.vlm.sft import BuildSftConfig, picked, read_sft
+from georeasoner.vlm.sft import run as build_sft
 from conftest import REPO
 from test_baseline import _clip_package
 
@@ -185,7 +192,72 @@ def test_configs_parse_and_vlm_hash_unchanged():
     cluster = load_config(BuildIndexConfig, REPO / "configs" / "build_index" / "cluster.yaml")
     assert cluster.index.kind == "ivfpq" and cluster.encoder.startswith("s3://") and cluster.actor_gpus == 1
     geo = load_config(GeolocateConfig, REPO / "configs" / "geolocate" / "local.yaml")
-    assert geo.engine == "vlm" and geo.index == "outputs/local/index" and geo.k == 16
-    # the knn keys do not change what a VLM run writes: its config hash (and so its resumable output) stays
-    assert geo.config_hash() == geo.model_copy(update={"index": "elsewhere", "k": 3}).config_hash()
+    assert geo.engine == "vlm" and geo.index == "outputs/local/index" and geo.k == 16 and geo.prompt_k == 5
+    # the knn vote's k does not change what a VLM run writes; the prompt's gallery does
+    assert geo.config_hash() == geo.model_copy(update={"k": 3}).config_hash()
+    assert geo.config_hash() != geo.model_copy(update={"index": "elsewhere"}).config_hash()
+    assert geo.config_hash() != geo.model_copy(update={"prompt_k": 3}).config_hash()
+    plain = geo.model_copy(update={"index": None})
+    assert plain.config_hash() == plain.model_copy(update={"prompt_k": 3}).config_hash()  # no index: no prompt keys
     assert geo.config_hash() != geo.model_copy(update={"engine": "knn"}).config_hash()
+    sft = load_config(BuildSftConfig, REPO / "configs" / "build_sft" / "local.yaml")
+    assert sft.neighbours.index == "outputs/local/index" and sft.neighbours.k == geo.prompt_k
+
+
+def test_neighbours_leave_out_the_own_image_and_name_places_in_the_prompt(world, gallery):
+    out, _, _ = gallery
+    g = Gallery.read(out)
+    uris = g.rows.column("image_uri").to_pylist()  # in index id order
+    parts = storage.read_parquet(out)
+    by_uri = dict(zip(parts.column("image_uri").to_pylist(), embeddings_of(parts)))
+    vectors = np.stack([by_uri[u] for u in uris])
+    nb = Neighbours(NeighbourSpec(index=out, k=3, far=2))
+    labels = {u: (c, n) for u, c, n in zip(uris, g.rows.column("city").to_pylist(), g.rows.column("country").to_pylist())}
+    sims, ids = g.search(vectors[:10], 4)
+    plain = nb.of_vectors(vectors[:10])
+    own = nb.of_vectors(vectors[:10], uris[:10])
+    for i in range(10):
+        assert ids[i, 0] == i and len(plain[i]["near"]) == 3 and len(own[i]["near"]) == 3 and len(own[i]["far"]) == 2
+        assert plain[i]["near"][0] == nb.labels[i]  # without exclusion the image finds itself first
+        assert own[i]["near"] == [nb.labels[j] for j in ids[i, 1:4]]  # with it, the next three
+    # a copy of an image under another key is left out too (identical embedding)
+    copy = nb.of_vectors(vectors[:1], ["s3://elsewhere/copy.jpg"])[0]
+    assert copy["near"] == [nb.labels[j] for j in ids[0, 1:4]]
+    question = with_neighbours("Where?", own[0]["near"], own[0]["far"])
+    city, country = own[0]["near"][0]
+    assert question.startswith(f"Where? The most similar geotagged images are from: {city}, {country};")
+    assert "The least similar are from:" in question
+    code = labels[uris[0]][1]  # the gallery stores ISO2 codes; the prompt names the country
+    assert nb.labels[0] == (labels[uris[0]][0], country_name(code)) and country_name(code) != code
+
+
+def test_build_sft_names_neighbours_in_a_share_of_stage2_prompts(world, gallery, tmp_path):
+    out, _, _ = gallery
+    summary = build_sft(BuildSftConfig(input=str(world), output=str(tmp_path / "sft"),
+                                       neighbours=NeighbourSpec(index=out, k=4), neighbours_share=0.5))
+    rows = read_sft(str(tmp_path / "sft" / "location.jsonl"))
+    with_nb = [r for r in rows if NEAR_INTRO in r["prompt"]]
+    assert summary["counts"]["with_neighbours"] == len(with_nb) and summary["counts"]["neighbours_unreadable"] == 0
+    assert 0.3 * len(rows) < len(with_nb) < 0.7 * len(rows)
+    for r in with_nb:
+        assert r["prompt"].startswith(INFERENCE_PROMPT) and r["prompt"].count(";") == 3  # four places
+    assert {r["id"] for r in with_nb} == {r["id"] for r in rows if picked(0, r["image_uri"], 0.5)}
+    # the other sets are untouched
+    assert not any(NEAR_INTRO in r["prompt"] for r in read_sft(str(tmp_path / "sft" / "reasoning.jsonl")))
+
+
+def test_vlm_geolocate_with_an_index_answers_each_key_once(world, gallery, tmp_path):
+    out, _, _ = gallery
+    test = [r for r in _manifest(world) if r["split"] == "test"][:6]
+    answers = str(tmp_path / "answers")
+    summary = geolocate(GeolocateConfig(input=str(world), splits=["test"], engine="vlm", model="tiny:qwen2-vl",
+                                        index=out, prompt_k=3, limit=6, max_new_tokens=4, output=answers, batch_size=3))
+    table = storage.read_parquet(answers)
+    assert sorted(table.column("image_uri").to_pylist()) == sorted(r["image_uri"] for r in test)
+    assert summary["counts"]["missing"] == 0 and summary["counts"]["errors"] == 0
+    index_version = storage.read_json(f"{out}/{CARD_FILE}")["version"]
+    assert all(v.endswith("+" + index_version) for v in table.column("model_version").to_pylist())
+    model = VLMModel("tiny:qwen2-vl", "cpu", None, 2, 0, NeighbourSpec(index=out, k=3))
+    arrays = [np.asarray(decode_image(storage.read_bytes(r["image_uri"]))) for r in test[:2]]
+    questions = model.neighbours.questions(model.geolocator.question, arrays)
+    assert all(q.startswith(model.geolocator.question + " " + NEAR_INTRO) and q.count(";") == 2 for q in questions)

@@ -48,8 +48,13 @@ class GeolocateConfig(inference.InferenceConfig):
     input: str = Field(..., description="a prefix of images (local folder or s3://) or a manifest.parquet (file or folder)")
     engine: Literal["vlm", "knn"] = Field("vlm", description="vlm: the VLM package answers; knn: the nearest gallery images vote")
     model: str | None = Field(None, description="engine vlm: VLM package (local folder or s3://) made by finetune; also tiny:qwen2-vl, a checkpoint folder or a hub id")
-    index: str | None = Field(None, description="engine knn: a gallery (local folder or s3://) made by build_index")
+    index: str | None = Field(None, description="a gallery (local folder or s3://) made by build_index: engine knn "
+                                                "votes with it; engine vlm names its nearest images in the prompt")
     k: int = Field(16, ge=1, description="engine knn: nearest gallery images that vote")
+    prompt_k: int = Field(5, ge=1, le=64, description="engine vlm with index: nearest gallery images named in the "
+                                                      "prompt (as build_sft's neighbours.k)")
+    prompt_far: int = Field(0, ge=0, le=64, description="engine vlm with index: least similar gallery images named "
+                                                        "too (as build_sft's neighbours.far)")
     splits: list[str] | None = Field(None, description="with a manifest input: only rows of these splits (e.g. [test]); default all rows")
     scores: str | None = Field(None, description="score_locatability output (or any Parquet with image_uri + locatability)")
     min_locatability: float | None = Field(
@@ -65,7 +70,17 @@ class GeolocateConfig(inference.InferenceConfig):
     dry_run_sample: int = Field(16, ge=1, description="images answered to measure throughput in a dry run")
 
     def hash_excluded(self) -> set[str]:
-        return {"engine", "index", "k"} if self.engine == "vlm" else {"model", "max_side", "max_new_tokens", "dtype"}
+        if self.engine == "knn":
+            return {"model", "max_side", "max_new_tokens", "dtype", "prompt_k", "prompt_far"}
+        return {"engine", "k"} | (set() if self.index else {"index", "prompt_k", "prompt_far"})
+
+    def neighbours(self):
+        """engine vlm: the prompt's neighbours (None without an index)."""
+        from georeasoner.retrieval.neighbours import NeighbourSpec
+
+        if self.engine != "vlm" or not self.index:
+            return None
+        return NeighbourSpec(index=self.index, k=self.prompt_k, far=self.prompt_far)
 
     def check_inputs(self) -> None:
         if self.min_locatability is not None and not self.scores:
@@ -84,6 +99,10 @@ class GeolocateConfig(inference.InferenceConfig):
             raise ConfigError(f"config error: engine vlm needs model ({MAKERS['model']})")
         else:
             self._check_model()
+            if self.index:
+                from georeasoner.retrieval.gallery import check_gallery
+
+                check_gallery(self.index)
         if self.scores and not storage.exists(self.scores):
             raise InputError(f"input error: scores '{self.scores}' does not exist ({MAKERS['scores']})")
 
@@ -190,18 +209,27 @@ def decode_downsized(data: bytes, max_side: int) -> np.ndarray:
 
 
 class VLMModel:
-    """The VLM as the engine's model: an RGB array per image -> its answer in the answers schema."""
+    """The VLM as the engine's model: an RGB array per image -> its answer in the answers schema; with
+    ``neighbours``, each prompt names the image's nearest gallery images (the gallery read once per actor)."""
 
-    def __init__(self, model: str, device: str, dtype: str | None, max_new_tokens: int, seed: int):
+    def __init__(self, model: str, device: str, dtype: str | None, max_new_tokens: int, seed: int, neighbours=None):
         from georeasoner.vlm.predict import Geolocator
 
         self.geolocator = Geolocator.from_ref(model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, seed=seed)
         self.version = self.geolocator.version
+        self.neighbours = None
+        if neighbours is not None:
+            from georeasoner.retrieval.neighbours import Neighbours
+
+            self.neighbours = Neighbours(neighbours, device)
+            self.version = f"{self.version}+{self.neighbours.version}"
 
     def predict(self, arrays: list[np.ndarray]) -> list[dict[str, Any]]:
         from PIL import Image
 
-        return [clean_answer(a) for a in self.geolocator.answer([Image.fromarray(x, mode="RGB") for x in arrays])]
+        questions = self.neighbours.questions(self.geolocator.question, arrays) if self.neighbours else None
+        images = [Image.fromarray(x, mode="RGB") for x in arrays]
+        return [clean_answer(a) for a in self.geolocator.answer(images, questions)]
 
 
 def adapter(cfg: GeolocateConfig) -> inference.Adapter:
@@ -210,7 +238,8 @@ def adapter(cfg: GeolocateConfig) -> inference.Adapter:
 
         return knn.adapter(JOB, cfg.index, cfg.k, cfg.device)
     return inference.Adapter(JOB, ANSWER_SCHEMA, functools.partial(decode_downsized, max_side=cfg.max_side),
-                             functools.partial(VLMModel, cfg.model, cfg.device, cfg.dtype, cfg.max_new_tokens, cfg.seed))
+                             functools.partial(VLMModel, cfg.model, cfg.device, cfg.dtype, cfg.max_new_tokens, cfg.seed,
+                                               cfg.neighbours()))
 
 
 # -- the job ------------------------------------------------------------------------------
@@ -265,6 +294,10 @@ def run(cfg: GeolocateConfig) -> dict:
         version, inputs = index_version(cfg.index), {"input": cfg.input, "index": cfg.index, "scores": cfg.scores}
     else:
         version, inputs = model_version(cfg.model, cfg.seed), {"input": cfg.input, "model": cfg.model, "scores": cfg.scores}
+        if cfg.index:
+            from georeasoner.retrieval.knn import index_version
+
+            version, inputs = f"{version}+{index_version(cfg.index)}", {**inputs, "index": cfg.index}
     job = JobRun(JOB, cfg, model_version=version, inputs=inputs).start()
     if cfg.min_locatability is not None:
         skipped = pa.table({"image_uri": pa.array([u for u, _ in sel.skipped], pa.string()),

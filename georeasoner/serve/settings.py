@@ -20,6 +20,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 
 from georeasoner.core.config import ConfigError, StorageConfig, StrictModel, format_error, set_dotted, parse_override
 from georeasoner.core.images import MAX_PIXELS
+from georeasoner.retrieval.neighbours import NeighbourSpec
 
 logger = logging.getLogger("georeasoner.serve")
 
@@ -69,6 +70,8 @@ class ServeSettings(StrictModel):
     slow_body_s: float = Field(5.0, gt=0, description="a body still arriving after this is a slow one")
     max_slow_bodies: int = Field(8, ge=0, le=4096, description="slow bodies read at once in an ingress replica; one "
                                                                "more gets 408 as soon as it turns slow")
+    neighbours: NeighbourSpec = Field(default_factory=NeighbourSpec, description="retrieval-augmented answers: "
+                                      "the gallery (jobs/build_index.py) whose nearest images the prompt names")
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     _fallback_used: bool = PrivateAttr(False)  # set by resolve_models
@@ -190,6 +193,20 @@ def resolve_models(settings: ServeSettings) -> ServeSettings:
                 check_reference(ref)
         except ValueError as exc:
             raise ConfigError(f"input error: args.model: {exc}") from None
+        if settings.neighbours.index:
+            from georeasoner.core.config import InputError
+            from georeasoner.retrieval.gallery import check_gallery
+
+            index = _absolute(settings.neighbours.index)
+            try:
+                check_gallery(index)
+                updates["neighbours"] = settings.neighbours.model_copy(update={"index": index})
+            except InputError as exc:
+                if not (fallback and _is_local_path(index)):
+                    raise ConfigError(f"{exc} (args.neighbours.index)") from None
+                logger.warning("WARNING: georeasoner serve: gallery '%s' is missing too; answering without "
+                               "neighbours in the prompt", index)
+                updates["neighbours"] = settings.neighbours.model_copy(update={"index": None})
         if scorer:
             from georeasoner.core import storage
 

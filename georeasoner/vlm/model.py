@@ -76,7 +76,8 @@ def _tokenizer_corpus() -> list[str]:
     from georeasoner.geo import country_name
     from georeasoner.world import clues, facts
 
-    texts = list(prompts.PROMPTS.values()) + [prompts.SYSTEM, "user", "assistant", "system"]
+    texts = list(prompts.PROMPTS.values()) + [prompts.SYSTEM, "user", "assistant", "system",
+                                              prompts.NEAR_INTRO, prompts.FAR_INTRO]
     texts += [json.dumps({"reasons": "z", "country": "x", "city": "y"}), "null", "0123456789 .,;:!?'\"()[]{}-"]
     for style in facts.COUNTRIES:
         for city in style.cities:

@@ -48,6 +48,25 @@ def location_answer(country_name: str, city: str | None, reasons: str | None = N
     return json.dumps(body, ensure_ascii=False)
 
 
+NEAR_INTRO = "The most similar geotagged images are from:"
+FAR_INTRO = "The least similar are from:"
+
+
+def _places(labels) -> str:
+    return "; ".join(", ".join(x for x in (city, country) if x) or "unknown" for city, country in labels) + "."
+
+
+def with_neighbours(question: str, near, far=()) -> str:
+    """``question`` followed by the retrieved gallery images' places (:mod:`georeasoner.retrieval.neighbours`):
+    ``(city, country name)`` pairs, nearest first, and optionally the least similar ones."""
+    text = question
+    if near:
+        text += f" {NEAR_INTRO} {_places(near)}"
+    if far:
+        text += f" {FAR_INTRO} {_places(far)}"
+    return text
+
+
 def chat_prompt(question: str) -> str:
     """The Qwen chat format (as Qwen2-VL/Qwen2.5-VL templates render one image and one question)."""
     return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"

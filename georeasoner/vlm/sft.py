@@ -35,6 +35,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Literal
 
+import numpy as np
 from pydantic import Field
 
 from georeasoner.core import storage
@@ -42,6 +43,7 @@ from georeasoner.core.config import InputError, JobConfig
 from georeasoner.core.manifest import manifest_uri
 from georeasoner.core.outputs import SUMMARY_FILE, JobRun, is_complete
 from georeasoner.geo import country_name, normalize_name, to_iso2
+from georeasoner.retrieval.neighbours import NeighbourSpec
 from georeasoner.vlm import prompts
 
 JOB = "build_sft"
@@ -80,6 +82,10 @@ class BuildSftConfig(JobConfig):
     replay_reasoning: float = Field(0.0, ge=0, le=1, description="share of stage-1 manifest rows added to the "
                                     "stage-2 set with reasons, country and city (keeps reasoning alive when the "
                                     "location rows carry no clue annotations)")
+    neighbours: NeighbourSpec = Field(default_factory=NeighbourSpec, description="retrieval-augmented stage 2: "
+                                      "the gallery whose nearest images are named in the location rows' prompts")
+    neighbours_share: float = Field(0.5, ge=0, le=1, description="share of location rows asked with neighbours "
+                                    "(the rest without: one model answers with or without an index)")
 
     @property
     def manifest_file(self) -> str | None:
@@ -114,6 +120,10 @@ class BuildSftConfig(JobConfig):
         if self.location_input and self.location_file is None:
             raise InputError(f"input error: location_input manifest '{self.location_input}' does not exist "
                              "(made by jobs/curate.py, jobs/make_world.py or jobs/ingest.py)")
+        if self.neighbours.index:
+            from georeasoner.retrieval.gallery import check_gallery
+
+            check_gallery(self.neighbours.index)
         if self.conversations and not storage.is_file(self.conversations):
             raise InputError(f"input error: conversations '{self.conversations}' does not exist "
                              "(a GeoReasoner_SFT / Qwen-VL conversations JSON file: copy it there first)")
@@ -437,6 +447,39 @@ def _replay(manifest: list[dict], tips: dict, cfg: BuildSftConfig, taken: set[st
     return rows
 
 
+def picked(seed: int, uri: str, share: float) -> bool:
+    """A seeded, order-free choice of ``share`` of the images."""
+    h = int(hashlib.sha256(f"{seed}:neighbours:{uri}".encode()).hexdigest()[:8], 16)
+    return h / 0xFFFFFFFF < share
+
+
+def add_neighbours(rows: list[dict], cfg: BuildSftConfig) -> dict[str, int]:
+    """Put the gallery neighbours of ``neighbours_share`` of the location rows into their prompts, the row's own
+    image left out (by URI and identical embedding). A row's vector is the gallery's when its image is in the
+    gallery, else the gallery's encoder embeds it; a row whose image cannot be read keeps the plain prompt."""
+    from georeasoner.retrieval.gallery import embed_uris, gallery_embeddings
+    from georeasoner.retrieval.neighbours import Neighbours
+
+    chosen = [r for r in rows if picked(cfg.seed, r["image_uri"], cfg.neighbours_share)]
+    if not chosen:
+        return {"with_neighbours": 0, "neighbours_unreadable": 0}
+    nb = Neighbours(cfg.neighbours)
+    want = {r["image_uri"] for r in chosen}
+    vectors: dict[str, np.ndarray] = {}
+    for uris, emb in gallery_embeddings(cfg.neighbours.index):
+        vectors.update((u, e) for u, e in zip(uris, emb) if u in want)
+    missing = [u for u in want if u not in vectors]
+    if missing:
+        emb, ok = embed_uris(nb.gallery.encoder, missing, embedder=nb.embedder)
+        vectors.update(zip(ok, emb))
+    ready = [r for r in chosen if r["image_uri"] in vectors]
+    if ready:
+        found = nb.of_vectors(np.stack([vectors[r["image_uri"]] for r in ready]), [r["image_uri"] for r in ready])
+        for row, n in zip(ready, found):
+            row["prompt"] = prompts.with_neighbours(row["prompt"], n["near"], n["far"])
+    return {"with_neighbours": len(ready), "neighbours_unreadable": len(chosen) - len(ready)}
+
+
 def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
@@ -461,7 +504,8 @@ def run(cfg: BuildSftConfig) -> dict:
     cfg.storage.apply()
     cfg.check_inputs()
     inputs = {"input": cfg.manifest_file, "clues": cfg.clues_uri, "location_input": cfg.location_file,
-              "conversations": storage.absolute(cfg.conversations) if cfg.conversations else None}
+              "conversations": storage.absolute(cfg.conversations) if cfg.conversations else None,
+              "index": storage.absolute(cfg.neighbours.index) if cfg.neighbours.index else None}
     job = JobRun(JOB, cfg, inputs=inputs).start()
     if is_complete(JOB, cfg, inputs) and storage.is_file(job.path(SUMMARY_FILE)):
         print(f"{JOB}: '{cfg.output}' is already complete for this config and input", flush=True)
@@ -481,6 +525,7 @@ def run(cfg: BuildSftConfig) -> dict:
     errors += loc_errors
     replayed = _replay(manifest, tips, cfg, {r["image_uri"] for r in location})
     location += replayed
+    retrieval = add_neighbours(location, cfg) if cfg.neighbours.index else {}
 
     n_conversations = 0
     conv_rows: list[dict] = []
@@ -517,6 +562,7 @@ def run(cfg: BuildSftConfig) -> dict:
         "manifest_rows": len(manifest),
         "location_rows": len(loc_rows),
         "conversation_records": n_conversations,
+        **retrieval,
     }
     return job.finish(
         counts=counts, errors_by_kind=dict(sorted(kinds.items())),
