@@ -7,7 +7,8 @@ and the process RSS growth while building, query latency p50/p99 per batch of ``
 recall@16 against the exact search. Kinds are built with :func:`georeasoner.retrieval.index.build_index`, so the
 numbers are those of ``build_index``'s configs.
 
-    python scripts/bench_index.py [--n 100000] [--dim 512] [--kinds flat,ivfpq,hnsw] [--queries 640]
+    python scripts/bench_index.py [--n 100000] [--dim 512] [--kinds flat,ivfpq,hnsw] [--queries 640] [--nlist N]
+    python scripts/bench_index.py --n 1000000 --kinds flat,ivfpq --nlist 1024     # the 1M row on 2 cores
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def spec_for(kind: str, n: int, dim: int):
-    """The kind's parameters for ``n`` vectors: IVF cells ~ 4·sqrt(n), 8-d PQ sub-vectors, 8-bit re-rank."""
+def spec_for(kind: str, n: int, dim: int, nlist: int | None = None):
+    """The kind's parameters for ``n`` vectors: IVF cells ~ 4·sqrt(n) (or ``nlist``), 8-d PQ sub-vectors, 8-bit
+    re-rank."""
     from georeasoner.retrieval.index import IndexSpec
 
     if kind == "ivfpq":
-        nlist = max(16, 2 ** round(math.log2(4 * math.sqrt(n))))
+        nlist = nlist or max(16, 2 ** round(math.log2(4 * math.sqrt(n))))
         return IndexSpec(kind="ivfpq", nlist=nlist, nprobe=max(8, nlist // 32), pq_m=dim // 8, pq_bits=8,
                          refine="sq8", refine_k=4, train_size=min(n, 32 * nlist))
     if kind == "hnsw":
@@ -57,12 +59,13 @@ def spec_for(kind: str, n: int, dim: int):
     return IndexSpec(kind=kind)
 
 
-def measure(kind: str, base: np.ndarray, queries: np.ndarray, k: int, batch: int, truth: np.ndarray | None):
+def measure(kind: str, base: np.ndarray, queries: np.ndarray, k: int, batch: int, truth: np.ndarray | None,
+            nlist: int | None = None):
     import faiss
 
     from georeasoner.retrieval.index import build_index
 
-    spec = spec_for(kind, *base.shape)
+    spec = spec_for(kind, *base.shape, nlist=nlist)
     gc.collect()
     before = rss()
     start = time.perf_counter()
@@ -103,6 +106,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=640)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--nlist", type=int, default=None, help="ivfpq cells (default ~4·sqrt(n); 1024 keeps the 1M "
+                                                            "k-means within minutes on 2 cores)")
     ap.add_argument("--threads", type=int, default=0, help="OpenMP threads (0: faiss' default, every core)")
     a = ap.parse_args()
     import faiss
@@ -122,7 +127,7 @@ def main() -> None:
     rows, truth = [], None
     for kind in kinds:
         print(f"building {kind} ...", flush=True)
-        row, found = measure(kind, base, queries, a.k, a.batch, truth)
+        row, found = measure(kind, base, queries, a.k, a.batch, truth, a.nlist)
         truth = found if kind == "flat" else truth
         rows.append(row)
         print(f"  {row}", flush=True)

@@ -142,3 +142,18 @@ def vlm_package(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("vlm") / "package")
     write_untrained_package("tiny:qwen2-vl", out, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def gallery(ray_session, world, tmp_path_factory):
+    """The session world's train split as a flat gallery, embedded by a random-weight tiny CLIP:
+    (gallery folder, encoder package, build_index summary)."""
+    from georeasoner.retrieval.gallery import BuildIndexConfig
+    from georeasoner.retrieval.gallery import run as build_index
+    from test_baseline import _clip_package
+
+    tmp = tmp_path_factory.mktemp("gallery")
+    encoder = _clip_package(tmp)
+    out = str(tmp / "index")
+    summary = build_index(BuildIndexConfig(input=str(world), encoder=encoder, output=out, batch_size=32))
+    return out, encoder, summary

@@ -35,16 +35,6 @@ def _manifest(world) -> list[dict]:
     return storage.read_parquet(str(world / "manifest.parquet")).to_pylist()
 
 
-@pytest.fixture(scope="module")
-def gallery(ray_session, world, tmp_path_factory):
-    """The session world's train split as a flat gallery, embedded by a random-weight tiny CLIP."""
-    tmp = tmp_path_factory.mktemp("gallery")
-    encoder = _clip_package(tmp)
-    out = str(tmp / "index")
-    summary = build_index(BuildIndexConfig(input=str(world), encoder=encoder, output=out, batch_size=32))
-    return out, encoder, summary
-
-
 def test_build_index_gallery_parts_index_and_card(world, gallery):
     out, encoder, summary = gallery
     train = [r for r in _manifest(world) if r["split"] == "train"]

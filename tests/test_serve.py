@@ -92,7 +92,7 @@ def s3_buckets(s3_server):
 
 
 @pytest.fixture(scope="module")
-def service(ray_session, vlm_package, student_package, s3_buckets):
+def service(ray_session, vlm_package, student_package, s3_buckets, gallery):
     """The app on a free loopback port (autoscaling 1..2 geolocator replicas, short delays); its base URL."""
     from ray import serve
 
@@ -106,6 +106,7 @@ def service(ray_session, vlm_package, student_package, s3_buckets):
         "auth_token_env": TOKEN_ENV, "auth_required": True, "max_pixels": MAX_PIXELS,
         "body_timeout_s": BODY_TIMEOUT_S, "slow_body_s": SLOW_BODY_S, "max_slow_bodies": MAX_SLOW,
         "geolocator": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
+        "neighbours": {"index": gallery[0], "k": 3},  # retrieval-augmented prompts: one gallery per replica
     }
     options = {
         # the token reaches the ingress replica through its environment, as a Secret would on Kubernetes (a file
@@ -169,7 +170,7 @@ def test_every_good_format(service):
         check_answer(r.json())
 
 
-def test_healthz_and_models(service, vlm_package):
+def test_healthz_and_models(service, vlm_package, gallery):
     r = requests.get(f"{service}/healthz", timeout=30)  # no token needed
     assert r.status_code == 200 and r.json()["status"] == "ok"
     r = requests.get(f"{service}/v1/models", headers=AUTH, timeout=30)
@@ -178,6 +179,7 @@ def test_healthz_and_models(service, vlm_package):
     card = json.loads((Path(vlm_package) / "model_card.json").read_text())
     assert data[0]["id"] == "georeasoner" and data[0]["model_version"] == card["version"]
     assert data[0]["adapters"] == [] and data[0]["scorer_version"].startswith("student-untrained")
+    assert data[0]["index_version"] == json.loads((Path(gallery[0]) / "_index_card.json").read_text())["version"]
 
 
 def test_s3_uri_allowed_and_refused(service, s3_buckets):
@@ -547,6 +549,12 @@ def test_build_time_validation(tmp_path, student_package):
     assert s.model == "tiny:qwen2-vl" and s.fallback_used
     with pytest.raises(ConfigError, match="jobs/train_locatability.py"):
         resolve_models(parse_settings({"model": "tiny:qwen2-vl", "scorer": str(tmp_path / "no-student")}))
+    no_index = {"index": str(tmp_path / "no-index"), "k": 5}
+    with pytest.raises(ConfigError, match=r"index '.*no-index' does not exist.*args.neighbours.index"):
+        resolve_models(parse_settings({"model": "tiny:qwen2-vl", "scorer": None, "neighbours": no_index}))
+    s = resolve_models(parse_settings({"model": missing, "fallback_model": "tiny:qwen2-vl", "scorer": None,
+                                       "neighbours": no_index}))
+    assert s.fallback_used and s.neighbours.index is None  # the local fallback answers without neighbours
     from georeasoner.serve.app import make_app
 
     with pytest.raises(ConfigError, match="max_ongoing_requests"):

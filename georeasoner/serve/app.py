@@ -232,8 +232,8 @@ class Ingress:
     async def healthz(self):
         info = await self._info_cached()
         return {"status": "ok", "model": self.settings.model_name, "model_version": info["model_version"],
-                "scorer_version": info["scorer_version"], "fallback_model": info["fallback"],
-                "auth": bool(self.token), "max_bytes": self.settings.max_bytes}
+                "scorer_version": info["scorer_version"], "index_version": info.get("index_version"),
+                "fallback_model": info["fallback"], "auth": bool(self.token), "max_bytes": self.settings.max_bytes}
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -244,6 +244,7 @@ class Ingress:
             "model_version": info["model_version"], "adapters": info["adapters"], "family": info["family"],
             "base_model": info["base_model"], "scorer_version": info["scorer_version"],
             "fallback_model": info["fallback"], "commercial_use": info.get("commercial_use"),
+            "index_version": info.get("index_version"),
         }
         return {"object": "list", "data": [card]}
 
