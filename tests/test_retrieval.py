@@ -216,9 +216,23 @@ def test_neighbours_leave_out_the_own_image_and_name_places_in_the_prompt(world,
     question = with_neighbours("Where?", own[0]["near"], own[0]["far"])
     city, country = own[0]["near"][0]
     assert question.startswith(f"Where? The most similar geotagged images are from: {city}, {country};")
-    assert "The least similar are from:" in question
+    assert _places_named(question) == 3 and "The least similar are from:" in question
     code = labels[uris[0]][1]  # the gallery stores ISO2 codes; the prompt names the country
     assert nb.labels[0] == (labels[uris[0]][0], country_name(code)) and country_name(code) != code
+
+
+def _places_named(prompt: str) -> int:
+    """How many neighbours the prompt's 'most similar' list names (``City, Country; City, Country.``)."""
+    listed = prompt.split(NEAR_INTRO, 1)[1].split(" The least similar", 1)[0].strip().rstrip(".")
+    return len(listed.split(";"))
+
+
+def test_neighbours_named_nearest_first():
+    near = [("Lyon", "France"), ("Osaka", "Japan"), (None, "Japan")]
+    assert with_neighbours("Q?", near, [("Perth", "Australia")]) == (
+        "Q? The most similar geotagged images are from: Lyon, France; Osaka, Japan; Japan. "
+        "The least similar are from: Perth, Australia.")
+    assert with_neighbours("Q?", []) == "Q?"
 
 
 def test_build_sft_names_neighbours_in_a_share_of_stage2_prompts(world, gallery, tmp_path):
@@ -230,7 +244,7 @@ def test_build_sft_names_neighbours_in_a_share_of_stage2_prompts(world, gallery,
     assert summary["counts"]["with_neighbours"] == len(with_nb) and summary["counts"]["neighbours_unreadable"] == 0
     assert 0.3 * len(rows) < len(with_nb) < 0.7 * len(rows)
     for r in with_nb:
-        assert r["prompt"].startswith(INFERENCE_PROMPT) and r["prompt"].count(";") == 3  # four places
+        assert r["prompt"].startswith(INFERENCE_PROMPT) and _places_named(r["prompt"]) == 4
     assert {r["id"] for r in with_nb} == {r["id"] for r in rows if picked(0, r["image_uri"], 0.5)}
     # the other sets are untouched
     assert not any(NEAR_INTRO in r["prompt"] for r in read_sft(str(tmp_path / "sft" / "reasoning.jsonl")))
@@ -250,4 +264,4 @@ def test_vlm_geolocate_with_an_index_answers_each_key_once(world, gallery, tmp_p
     model = VLMModel("tiny:qwen2-vl", "cpu", None, 2, 0, NeighbourSpec(index=out, k=3))
     arrays = [np.asarray(decode_image(storage.read_bytes(r["image_uri"]))) for r in test[:2]]
     questions = model.neighbours.questions(model.geolocator.question, arrays)
-    assert all(q.startswith(model.geolocator.question + " " + NEAR_INTRO) and q.count(";") == 2 for q in questions)
+    assert all(q.startswith(model.geolocator.question + " " + NEAR_INTRO) and _places_named(q) == 3 for q in questions)
