@@ -157,7 +157,7 @@ class _FlakyGeolocator:
     def __init__(self):
         self.calls = 0
 
-    def answer(self, images):
+    def answer(self, images, questions=None):
         self.calls += 1
         if any(img.size[0] == 13 for img in images):
             raise RuntimeError("CUDA out of memory (simulated)")
@@ -183,7 +183,7 @@ def test_model_failure_is_retried_per_image(tmp_path):
     assert tuple(decoded["shape"][3][:2]) == (40, 13)  # small images are never enlarged
 
     model = VLMModel.__new__(VLMModel)
-    model.geolocator, model.version = _FlakyGeolocator(), "flaky-1"
+    model.geolocator, model.version, model.neighbours = _FlakyGeolocator(), "flaky-1", None
     stage = inference.ModelStage.__new__(inference.ModelStage)
     stage.model, stage.schema = model, ANSWER_SCHEMA
     out = stage(decoded).to_pydict()
@@ -232,8 +232,8 @@ def test_sigkill_half_way_then_resume(bucket, vlm_package):
     expected = _fill_bucket(bucket, n_good=200)
     out = f"s3://{bucket}/answers-killed"
     args = [sys.executable, str(REPO / "jobs" / "geolocate.py"), "--config", "configs/geolocate/local.yaml",
-            f"input=s3://{bucket}/photos", "splits=null", "scores=null", f"model={vlm_package}", f"output={out}",
-            "rows_per_part=10", "batch_size=5", f"max_new_tokens={TOKENS}"]
+            f"input=s3://{bucket}/photos", "splits=null", "scores=null", "index=null", f"model={vlm_package}",
+            f"output={out}", "rows_per_part=10", "batch_size=5", f"max_new_tokens={TOKENS}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -262,7 +262,7 @@ def test_bad_config_exits_2_with_one_line(vlm_package, tmp_path, capsys):
                           str(world_like / "manifest.parquet"))
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.jpg").write_bytes(good_files()["rgb.jpg"])
-    base = [f"output={tmp_path / 'out'}", f"model={vlm_package}", f"input={world_like}", "scores=null"]
+    base = [f"output={tmp_path / 'out'}", f"model={vlm_package}", f"input={world_like}", "scores=null", "index=null"]
     cases = [
         (["input=/nonexistent/photos"], "input '/nonexistent/photos' does not exist", "make_world"),
         ([f"model={tmp_path / 'no-vlm'}"], "does not exist", "jobs/finetune.py"),
@@ -273,6 +273,7 @@ def test_bad_config_exits_2_with_one_line(vlm_package, tmp_path, capsys):
         (["min_locatability=1.5"], "min_locatability", "less than or equal to 1"),
         (["max_sides=100"], "unknown key 'max_sides'", "did you mean 'max_side'"),
         (["dtype=int4"], "dtype", "int4"),
+        ([f"index={tmp_path / 'no-index'}"], "index", "jobs/build_index.py"),  # the prompt's gallery
     ]
     for extra, want, names in cases:
         code = main(JOB, GeolocateConfig, run, argv=["--config", "configs/geolocate/local.yaml", *base, *extra])
