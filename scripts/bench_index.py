@@ -45,14 +45,14 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def spec_for(kind: str, n: int, dim: int, nlist: int | None = None):
+def spec_for(kind: str, n: int, dim: int, nlist: int | None = None, nprobe: int | None = None):
     """The kind's parameters for ``n`` vectors: IVF cells ~ 4·sqrt(n) (or ``nlist``), 8-d PQ sub-vectors, 8-bit
     re-rank."""
     from georeasoner.retrieval.index import IndexSpec
 
     if kind == "ivfpq":
         nlist = nlist or max(16, 2 ** round(math.log2(4 * math.sqrt(n))))
-        return IndexSpec(kind="ivfpq", nlist=nlist, nprobe=max(8, nlist // 32), pq_m=dim // 8, pq_bits=8,
+        return IndexSpec(kind="ivfpq", nlist=nlist, nprobe=nprobe or max(8, nlist // 32), pq_m=dim // 8, pq_bits=8,
                          refine="sq8", refine_k=4, train_size=min(n, 32 * nlist))
     if kind == "hnsw":
         return IndexSpec(kind="hnsw", hnsw_m=32, ef_construction=80, ef_search=96)
@@ -60,12 +60,12 @@ def spec_for(kind: str, n: int, dim: int, nlist: int | None = None):
 
 
 def measure(kind: str, base: np.ndarray, queries: np.ndarray, k: int, batch: int, truth: np.ndarray | None,
-            nlist: int | None = None):
+            nlist: int | None = None, nprobe: int | None = None):
     import faiss
 
     from georeasoner.retrieval.index import build_index
 
-    spec = spec_for(kind, *base.shape, nlist=nlist)
+    spec = spec_for(kind, *base.shape, nlist=nlist, nprobe=nprobe)
     gc.collect()
     before = rss()
     start = time.perf_counter()
@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--nlist", type=int, default=None, help="ivfpq cells (default ~4·sqrt(n); 1024 keeps the 1M "
                                                             "k-means within minutes on 2 cores)")
+    ap.add_argument("--nprobe", type=int, default=None, help="ivfpq cells searched per query (default nlist/32)")
     ap.add_argument("--threads", type=int, default=0, help="OpenMP threads (0: faiss' default, every core)")
     a = ap.parse_args()
     import faiss
@@ -127,7 +128,7 @@ def main() -> None:
     rows, truth = [], None
     for kind in kinds:
         print(f"building {kind} ...", flush=True)
-        row, found = measure(kind, base, queries, a.k, a.batch, truth, a.nlist)
+        row, found = measure(kind, base, queries, a.k, a.batch, truth, a.nlist, a.nprobe)
         truth = found if kind == "flat" else truth
         rows.append(row)
         print(f"  {row}", flush=True)
