@@ -219,10 +219,10 @@ class VLMModel:
         self.version = self.geolocator.version
         self.neighbours = None
         if neighbours is not None:
-            from georeasoner.retrieval.neighbours import Neighbours
+            from georeasoner.retrieval.neighbours import Neighbours, versioned
 
             self.neighbours = Neighbours(neighbours, device)
-            self.version = f"{self.version}+{self.neighbours.version}"
+            self.version = versioned(self.version, self.neighbours.version)
 
     def predict(self, arrays: list[np.ndarray]) -> list[dict[str, Any]]:
         from PIL import Image
@@ -296,8 +296,9 @@ def run(cfg: GeolocateConfig) -> dict:
         version, inputs = model_version(cfg.model, cfg.seed), {"input": cfg.input, "model": cfg.model, "scores": cfg.scores}
         if cfg.index:
             from georeasoner.retrieval.knn import index_version
+            from georeasoner.retrieval.neighbours import versioned
 
-            version, inputs = f"{version}+{index_version(cfg.index)}", {**inputs, "index": cfg.index}
+            version, inputs = versioned(version, index_version(cfg.index)), {**inputs, "index": cfg.index}
     job = JobRun(JOB, cfg, model_version=version, inputs=inputs).start()
     if cfg.min_locatability is not None:
         skipped = pa.table({"image_uri": pa.array([u for u, _ in sel.skipped], pa.string()),

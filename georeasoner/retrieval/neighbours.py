@@ -6,8 +6,9 @@ labels written into the question (:func:`georeasoner.vlm.prompts.with_neighbours
 three places that ask: ``build_sft`` (stage-2 rows, the row's own image left out), batch geolocation (one gallery
 per actor) and Serve (one per replica).
 
-A row's own image is left out by URI and by identical embedding (similarity >= :data:`SAME_IMAGE`), so a copy of
-the image under another key does not hand the model its own label either.
+A row's own image is left out by URI and by identical embedding (the leakage check's bar,
+:data:`georeasoner.retrieval.leakage.IDENTICAL_TOLERANCE`: the tiny CLIP puts distinct images as close as cosine
+0.99997), so a copy of the image under another key does not hand the model its own label either.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from pydantic import Field
 
 from georeasoner.core.config import StrictModel
 
-SAME_IMAGE = 0.9999
+
+
+def versioned(model_version: str, index_version: str) -> str:
+    """The ``model_version`` of retrieval-augmented answers: both the package and the gallery shape them."""
+    return f"{model_version}+{index_version}"
 
 
 class NeighbourSpec(StrictModel):
@@ -61,14 +66,17 @@ class Neighbours:
 
     def of_vectors(self, vectors: np.ndarray, exclude: list[str | None] | None = None) -> list[dict[str, list]]:
         """Neighbours of each query vector; ``exclude[i]``: a gallery URI that query ``i`` must not get (its own)."""
+        from georeasoner.retrieval.leakage import IDENTICAL_TOLERANCE
+
         k, far = self.spec.k, self.spec.far
-        extra = 2 if exclude is not None else 0
+        same = 1.0 - IDENTICAL_TOLERANCE
+        extra = 2 if exclude is not None else 0  # room for the own image and one copy of it
         sims, ids = self.gallery.search(vectors, k + extra)
         out = []
         for i, (srow, irow) in enumerate(zip(sims, ids)):
             own = exclude[i] if exclude is not None else None
             keep = [int(j) for s, j in zip(srow, irow)
-                    if j >= 0 and not (exclude is not None and (self.uris[j] == own or s >= SAME_IMAGE))]
+                    if j >= 0 and not (exclude is not None and (self.uris[j] == own or s >= same))]
             out.append({"near": [self.labels[j] for j in keep[:k]], "far": []})
         if far:
             _, fids = self.gallery.search(-np.asarray(vectors, dtype=np.float32), far)
