@@ -45,27 +45,28 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def spec_for(kind: str, n: int, dim: int, nlist: int | None = None, nprobe: int | None = None):
-    """The kind's parameters for ``n`` vectors: IVF cells ~ 4·sqrt(n) (or ``nlist``), 8-d PQ sub-vectors, 8-bit
-    re-rank."""
+def spec_for(kind: str, n: int, dim: int, nlist: int | None = None, nprobe: int | None = None,
+             refine: str = "sq8", refine_k: int = 4, pq_m: int | None = None):
+    """The kind's parameters for ``n`` vectors: IVF cells ~ 4·sqrt(n) (or ``nlist``), 8-d PQ sub-vectors (or
+    ``pq_m``), re-ranked by ``refine`` among ``refine_k``·k candidates."""
     from georeasoner.retrieval.index import IndexSpec
 
     if kind == "ivfpq":
         nlist = nlist or max(16, 2 ** round(math.log2(4 * math.sqrt(n))))
-        return IndexSpec(kind="ivfpq", nlist=nlist, nprobe=nprobe or max(8, nlist // 32), pq_m=dim // 8, pq_bits=8,
-                         refine="sq8", refine_k=4, train_size=min(n, 32 * nlist))
+        return IndexSpec(kind="ivfpq", nlist=nlist, nprobe=nprobe or max(8, nlist // 32), pq_m=pq_m or dim // 8, pq_bits=8,
+                         refine=refine, refine_k=refine_k, train_size=min(n, 32 * nlist))
     if kind == "hnsw":
         return IndexSpec(kind="hnsw", hnsw_m=32, ef_construction=80, ef_search=96)
     return IndexSpec(kind=kind)
 
 
 def measure(kind: str, base: np.ndarray, queries: np.ndarray, k: int, batch: int, truth: np.ndarray | None,
-            nlist: int | None = None, nprobe: int | None = None):
+            nlist: int | None = None, nprobe: int | None = None, **ivf):
     import faiss
 
     from georeasoner.retrieval.index import build_index
 
-    spec = spec_for(kind, *base.shape, nlist=nlist, nprobe=nprobe)
+    spec = spec_for(kind, *base.shape, nlist=nlist, nprobe=nprobe, **ivf)
     gc.collect()
     before = rss()
     start = time.perf_counter()
@@ -85,7 +86,7 @@ def measure(kind: str, base: np.ndarray, queries: np.ndarray, k: int, batch: int
     recall = (float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)])) if truth is not None else 1.0)
     if kind == "ivfpq":
         params = (f"IVF{faiss.extract_index_ivf(index).nlist},PQ{spec.pq_m}x{spec.pq_bits}, nprobe {spec.nprobe}, "
-                  f"refine sq8 x{spec.refine_k}, trained on {spec.train_size}")
+                  f"refine {spec.refine} x{spec.refine_k}, trained on {spec.train_size}")
     elif kind == "hnsw":
         params = f"M {spec.hnsw_m}, efConstruction {spec.ef_construction}, efSearch {spec.ef_search}"
     else:
@@ -109,6 +110,10 @@ def main() -> None:
     ap.add_argument("--nlist", type=int, default=None, help="ivfpq cells (default ~4·sqrt(n); 1024 keeps the 1M "
                                                             "k-means within minutes on 2 cores)")
     ap.add_argument("--nprobe", type=int, default=None, help="ivfpq cells searched per query (default nlist/32)")
+    ap.add_argument("--refine", default="sq8", choices=["none", "sq8", "flat"], help="ivfpq re-rank vectors")
+    ap.add_argument("--refine-k", type=int, default=4, help="ivfpq: candidates re-ranked per neighbour asked "
+                                                            "(the PQ candidate list is refine_k·k long)")
+    ap.add_argument("--pq-m", type=int, default=None, help="ivfpq PQ bytes per vector (default dim/8)")
     ap.add_argument("--threads", type=int, default=0, help="OpenMP threads (0: faiss' default, every core)")
     a = ap.parse_args()
     import faiss
@@ -128,7 +133,8 @@ def main() -> None:
     rows, truth = [], None
     for kind in kinds:
         print(f"building {kind} ...", flush=True)
-        row, found = measure(kind, base, queries, a.k, a.batch, truth, a.nlist, a.nprobe)
+        row, found = measure(kind, base, queries, a.k, a.batch, truth, a.nlist, a.nprobe,
+                             refine=a.refine, refine_k=a.refine_k, pq_m=a.pq_m)
         truth = found if kind == "flat" else truth
         rows.append(row)
         print(f"  {row}", flush=True)

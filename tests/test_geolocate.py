@@ -1,14 +1,9 @@
 """Batch geolocation: every selected key exactly once in the answers format, bad files as error rows, manifest
-splits and the locatability threshold, resume (also after SIGKILL), transient S3 failures, dry run, exit 2."""
+splits and the locatability threshold, resume (the engine's kill -9 test is test_score's), transient S3 failures, dry run, exit 2."""
 
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -225,35 +220,6 @@ def test_dry_run_counts_and_estimates_without_writing(bucket, vlm_package, capsy
     assert info["sample"] == 6
     assert "dry run" in capsys.readouterr().out
     assert not storage.exists(f"s3://{bucket}/dry")
-
-
-def test_sigkill_half_way_then_resume(bucket, vlm_package):
-    """The process boundary is the point: kill -9 the job mid-run, start it again, nothing lost or doubled."""
-    expected = _fill_bucket(bucket, n_good=200)
-    out = f"s3://{bucket}/answers-killed"
-    args = [sys.executable, str(REPO / "jobs" / "geolocate.py"), "--config", "configs/geolocate/local.yaml",
-            f"input=s3://{bucket}/photos", "splits=null", "scores=null", "index=null", f"model={vlm_package}",
-            f"output={out}", "rows_per_part=10", "batch_size=5", f"max_new_tokens={TOKENS}"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        parts = [e for e in storage.iter_files(out, suffixes=(".parquet",))]
-        if len(parts) >= 2:
-            break
-        assert proc.poll() is None, "the job ended before it could be killed"
-        time.sleep(0.25)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    written = storage.read_parquet(out, columns=["image_uri"]).num_rows
-    assert 0 < written < len(expected)
-    assert not storage.exists(f"{out}/_SUCCESS.json")
-    rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"resuming, {written} of {len(expected)} keys already written" in rerun.stdout
-    assert "== geolocate summary ==" in rerun.stdout
-    _check(out, expected, read_card(vlm_package)["version"])
 
 
 def test_bad_config_exits_2_with_one_line(vlm_package, tmp_path, capsys):
