@@ -46,7 +46,7 @@ def rss() -> int:
 
 
 def spec_for(kind: str, n: int, dim: int, nlist: int | None = None, nprobe: int | None = None,
-             refine: str = "sq8", refine_k: int = 4, pq_m: int | None = None):
+             refine: str = "sq8", refine_k: int = 32, pq_m: int | None = None):
     """The kind's parameters for ``n`` vectors: IVF cells ~ 4·sqrt(n) (or ``nlist``), 8-d PQ sub-vectors (or
     ``pq_m``), re-ranked by ``refine`` among ``refine_k``·k candidates."""
     from georeasoner.retrieval.index import IndexSpec
@@ -54,7 +54,7 @@ def spec_for(kind: str, n: int, dim: int, nlist: int | None = None, nprobe: int 
     if kind == "ivfpq":
         nlist = nlist or max(16, 2 ** round(math.log2(4 * math.sqrt(n))))
         return IndexSpec(kind="ivfpq", nlist=nlist, nprobe=nprobe or max(8, nlist // 32), pq_m=pq_m or dim // 8, pq_bits=8,
-                         refine=refine, refine_k=refine_k, train_size=min(n, 32 * nlist))
+                         refine=refine, refine_k=refine_k, train_size=min(n, 40 * nlist))
     if kind == "hnsw":
         return IndexSpec(kind="hnsw", hnsw_m=32, ef_construction=80, ef_search=96)
     return IndexSpec(kind=kind)
@@ -111,7 +111,7 @@ def main() -> None:
                                                             "k-means within minutes on 2 cores)")
     ap.add_argument("--nprobe", type=int, default=None, help="ivfpq cells searched per query (default nlist/32)")
     ap.add_argument("--refine", default="sq8", choices=["none", "sq8", "flat"], help="ivfpq re-rank vectors")
-    ap.add_argument("--refine-k", type=int, default=4, help="ivfpq: candidates re-ranked per neighbour asked "
+    ap.add_argument("--refine-k", type=int, default=32, help="ivfpq: candidates re-ranked per neighbour asked "
                                                             "(the PQ candidate list is refine_k·k long)")
     ap.add_argument("--pq-m", type=int, default=None, help="ivfpq PQ bytes per vector (default dim/8)")
     ap.add_argument("--threads", type=int, default=0, help="OpenMP threads (0: faiss' default, every core)")

@@ -302,12 +302,15 @@ def process(job: JobRun, cfg: InferenceConfig, adapter: Adapter, keys: pa.Table)
 
     from georeasoner.core.raycluster import cluster_cpus, connect
 
+    scan = time.monotonic()
     done = done_keys(job.output, adapter.single_file)
     todo = keys.filter(pc.invert(pc.is_in(keys.column("image_uri"), value_set=done))) if len(done) else keys
+    scan = time.monotonic() - scan
     if not todo.num_rows:
         print(f"{adapter.job}: '{job.output}' is already complete ({keys.num_rows} keys written)", flush=True)
     elif todo.num_rows < keys.num_rows:
-        print(f"{adapter.job}: resuming, {keys.num_rows - todo.num_rows} of {keys.num_rows} keys already written", flush=True)
+        print(f"{adapter.job}: resuming, {keys.num_rows - todo.num_rows} of {keys.num_rows} keys already written "
+              f"(resume scan {scan:.1f} s)", flush=True)
     progress, marks, writing = Progress(adapter.job, total=todo.num_rows, unit="images"), [], 0.0
     if not todo.num_rows:
         return progress, marks, writing

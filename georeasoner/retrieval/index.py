@@ -35,7 +35,8 @@ class IndexSpec(StrictModel):
     pq_m: int = Field(64, ge=1, description="ivfpq: product-quantiser sub-vectors (must divide the dimension)")
     pq_bits: int = Field(8, ge=4, le=12, description="ivfpq: bits per sub-vector code")
     refine: Literal["none", "sq8", "flat"] = Field("sq8", description="ivfpq: re-rank candidates with 8-bit or full vectors")
-    refine_k: int = Field(4, ge=1, description="ivfpq with refine: candidates re-ranked per neighbour asked")
+    refine_k: int = Field(32, ge=1, description="ivfpq with refine: candidates re-ranked per neighbour asked "
+                                               "(4 gave recall@16 0.46 at 1M vectors, 32 gave 0.93: bench_index)")
     train_size: int = Field(200_000, ge=1, description="ivfpq: vectors sampled to train the quantisers")
     hnsw_m: int = Field(32, ge=2, description="hnsw: links per node")
     ef_construction: int = Field(200, ge=1, description="hnsw: candidates kept while building")
