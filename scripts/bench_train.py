@@ -13,6 +13,24 @@ Per rank: samples/s over the timed steps (after ``--warmup`` untimed steps) and 
 Prints a markdown table with DDP (measured in the same run) as the baseline, then whether ZeRO-3's per-rank
 peak is <= 0.6x DDP's.
 
+Model states per rank are counted from the tensors the rank really holds, not by formula: once, on the last step,
+right after the backward and before the optimizer step (gradients alive, AdamW state from the steps before; so at
+least 2 steps), each rank walks its parameters, gradients and optimizer state and sums the bytes of the distinct
+storages behind them (``untyped_storage().data_ptr()``: a view of a flat buffer, or a master copy that is the partition
+itself, is counted once, under the first category that reaches it). DDP: the module's parameters, their ``.grad`` and
+``optimizer.state``. ZeRO-2: the full module parameters (views of ``bit16_groups_flat``), the fp32 master partition
+``single_partition_of_fp32_groups``, the gradient partition (``averaged_gradients``, views of ``grads_in_partition``)
+and the inner optimizer's state. ZeRO-3: the partitions ``p.ds_tensor`` (views of ``fp16_partitioned_groups_flat``),
+``fp32_partitioned_groups_flat`` (a second fp32 copy even in fp32 training: deepspeed 0.19.8 would reuse the
+partition, but compares ``tensor.device`` with a device-name string, never equal), the
+``grad_partitions_flat_buffer`` and the inner optimizer's state. DDP holds no gradient or AdamW state for the vision
+tower (unused by text-only batches); ZeRO holds both for it (zeros). Reported beside, not in the total (ZeRO's
+"residual states"): the reduce buckets (``ipg_buckets``; ZeRO-3 keeps a ``reduce_bucket_size`` one, allocated with
+``torch.empty``, so resident only where written) and the full ZeRO-3 parameters still gathered at that moment
+(those under ``stage3_param_persistence_threshold`` stay gathered for good). Not visible from Python and not counted:
+DDP's reducer buckets (a flat copy of the gradients, as ``gradient_as_bucket_view`` is off). The total is checked
+against ZeRO-3 <= 0.55x DDP.
+
     python scripts/bench_train.py [--steps 10] [--warmup 2] [--arms ddp,zero2,zero3] [--hidden 768] [--layers 12]
 
 Knobs for investigating ZeRO-3's memory (all arms alike unless named): ``--malloc mmap`` (glibc returns freed
@@ -35,6 +53,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 TARGET = 0.6  # ZeRO-3 per-rank peak must be <= TARGET x DDP's
+STATES_TARGET = 0.55  # ZeRO-3 per-rank model-state bytes must be <= STATES_TARGET x DDP's
+STATES = ("params", "master", "grads", "optim")  # summed into the model-state total
+RESIDUAL = ("buckets", "gathered")  # counted after STATES (so never twice), reported beside the total
 
 
 def _rss_mib() -> float:
@@ -51,6 +72,59 @@ def _peak_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _tensors(obj):
+    """Every tensor in ``obj``: a tensor, or dicts / lists / tuples of them, nested; anything else holds none."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def storage_bytes(categories: dict[str, object]) -> dict[str, int]:
+    """Bytes per category of the distinct storages behind its tensors, the categories taken in order: a storage
+    already counted (in this or an earlier category) is not counted again."""
+    seen: set[int] = set()
+    out = {}
+    for name, obj in categories.items():
+        out[name] = 0
+        for t in _tensors(obj):
+            storage = t.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                out[name] += storage.nbytes()
+    return out
+
+
+def model_states(arm: str, model, optimizer) -> dict[str, int]:
+    """Bytes of the model states this rank holds (see the module docstring): ``model`` and ``optimizer`` are the
+    module and torch optimizer (DDP) or the DeepSpeed engine's module and ZeRO optimizer."""
+    params = list(model.parameters())
+    if arm == "ddp":
+        return storage_bytes({"params": params, "master": [], "grads": [p.grad for p in params],
+                              "optim": optimizer.state, "buckets": [], "gathered": []})
+    opt = optimizer
+    stage3 = hasattr(opt, "fp32_partitioned_groups_flat")
+    grads = [opt.averaged_gradients, [p.grad for p in params]]
+    if stage3:
+        own = [[p.ds_tensor for p in params], opt.fp16_partitioned_groups_flat]
+        master = opt.fp32_partitioned_groups_flat
+        grads.append(opt.grad_partitions_flat_buffer)
+    else:
+        own = [params, opt.bit16_groups_flat]
+        master = opt.single_partition_of_fp32_groups
+        grads.append(opt.grads_in_partition)
+    grads.append([m.grad for m in master])  # the fp32 gradient: only alive inside the step
+    return storage_bytes({"params": own, "master": master, "grads": grads, "optim": opt.optimizer.state,
+                          "buckets": [b.buffer for b in opt.ipg_buckets.values()],
+                          "gathered": [p.data for p in params] if stage3 else []})
 
 
 def build_model(c: dict):
@@ -106,6 +180,14 @@ def train_loop(c: dict) -> None:
     def mark(phase: str) -> None:
         if c["trace"]:
             trace.append((phase, round(_rss_mib()), round(_peak_mib())))
+
+    states: dict[str, int] = {}  # model-state bytes, counted after the backward of the last step
+
+    def count_states(module, opt) -> None:
+        t = time.perf_counter()
+        states.update(model_states(c["arm"], module, opt))
+        states["count_s"] = time.perf_counter() - t
+
     torch.set_num_threads(c["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -123,11 +205,13 @@ def train_loop(c: dict) -> None:
         # Text-only batches leave the vision tower without gradients: DDP must be told (ZeRO copes on its own).
         engine = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
 
-        def step(ids, labels):
+        def step(ids, labels, count=False):
             loss = engine(input_ids=ids, labels=labels).loss
             mark("fwd")
             loss.backward()
             mark("bwd")
+            if count:
+                count_states(engine, optimizer)
             torch.nn.utils.clip_grad_norm_(engine.parameters(), c["grad_clip"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -137,11 +221,13 @@ def train_loop(c: dict) -> None:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=c["ds_config"])
         del model
 
-        def step(ids, labels):
+        def step(ids, labels, count=False):
             loss = engine(input_ids=ids, labels=labels).loss
             mark("fwd")
             engine.backward(loss)
             mark("bwd")
+            if count:
+                count_states(engine.module, engine.optimizer)
             engine.step()
             mark("step")
             return loss
@@ -152,17 +238,18 @@ def train_loop(c: dict) -> None:
         losses.append(float(step(*batch(c, rank, s)).detach()))
     dist.barrier()
     t0 = time.perf_counter()
+    last = c["warmup"] + c["steps"] - 1
     for s in range(c["warmup"], c["warmup"] + c["steps"]):
-        losses.append(float(step(*batch(c, rank, s)).detach()))
+        losses.append(float(step(*batch(c, rank, s), count=s == last).detach()))
     dist.barrier()
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0 - states.get("count_s", 0.0)  # counting is not training time
     out = {
         "arm": c["arm"], "rank": rank, "world": world, "pid": os.getpid(), "params": params,
         "vision_params": vision_params, "elapsed_s": elapsed, "timed_samples": c["steps"] * c["micro_batch"],
         "rss_start_mib": rss_start, "peak_start_mib": peak_start, "rss_imports_mib": rss_imports,
         "rss_built_mib": rss_built, "rss_wrapped_mib": rss_wrapped, "rss_end_mib": _rss_mib(),
         "peak_mib": _peak_mib(), "losses": losses, "trace": trace, "build_s": t_wrap - t_build,
-        "wrap_s": t_wrapped - t_wrap, "warmup_s": t0 - t_wrapped,
+        "wrap_s": t_wrapped - t_wrap, "warmup_s": t0 - t_wrapped, "states": states,
     }
     Path(c["out"], f"{c['arm']}-rank{rank}.json").write_text(json.dumps(out))
 
@@ -227,6 +314,9 @@ def main() -> None:
         parser.error(f"unknown arm {bad[0]!r} (ddp, zero2, zero3)")
     if args.hidden % args.heads or (args.hidden // args.heads) % 2:
         parser.error("--hidden must be a multiple of --heads with an even head_dim")
+    if args.steps < 1 or args.warmup + args.steps < 2:
+        parser.error("need --steps >= 1 and --warmup + --steps >= 2 (model states are counted on the last step, "
+                     "once the optimizer state exists)")
 
     # Workers: DeepSpeed on the CPU accelerator, its compiled shm op cached in the venv (as scripts/_env.sh does).
     # The venv's bin goes first on PATH as in scripts/_env.sh: the op is built by whichever `ninja` is found first, and
@@ -274,6 +364,12 @@ def report(results: dict[str, list[dict]], args, total_s: float) -> None:
     def peaks(ranks):  # peak RSS minus RSS after imports, per rank
         return [r["peak_mib"] - r["rss_imports_mib"] for r in sorted(ranks, key=lambda r: r["rank"])]
 
+    def mib(n_bytes):
+        return n_bytes / 2**20
+
+    def state_mib(ranks):  # model-state total (params + master + grads + optimizer state), per rank
+        return [mib(sum(r["states"][k] for k in STATES)) for r in sorted(ranks, key=lambda r: r["rank"])]
+
     first = next(iter(results.values()))[0]
     base = results.get("ddp")
     extras = [f"allocator {args.malloc}" + (" (MALLOC_MMAP_THRESHOLD_=131072)" if args.malloc == "mmap" else ""),
@@ -289,19 +385,36 @@ def report(results: dict[str, list[dict]], args, total_s: float) -> None:
           f"{args.seq_len} tokens, {args.warmup} warmup + {args.steps} timed steps; {os.cpu_count()} CPUs; "
           f"{'; '.join(extras)}; total {total_s:.0f}s\n")
     ranks_hdr = " | ".join(f"peak MiB rank{i}" for i in range(args.workers))
-    print(f"| arm | params | samples/s | ratio vs DDP | {ranks_hdr} | max-rank peak vs DDP |")
-    print("|" + "---|" * (5 + args.workers))
+    print(f"| arm | params | samples/s | ratio vs DDP | {ranks_hdr} | max-rank peak vs DDP | model states MiB / rank |")
+    print("|" + "---|" * (6 + args.workers))
     for arm, ranks in results.items():
         p = peaks(ranks)
         speed = f"{rate(ranks) / rate(base):.2f}" if base else "n/a"
         mem = f"{max(p) / max(peaks(base)):.2f}" if base else "n/a"
         cells = " | ".join(f"{v:.0f}" for v in p)
-        print(f"| {arm} | {ranks[0]['params'] / 1e6:.1f}M | {rate(ranks):.2f} | {speed} | {cells} | {mem} |")
+        states = " / ".join(f"{v:.1f}" for v in state_mib(ranks))
+        print(f"| {arm} | {ranks[0]['params'] / 1e6:.1f}M | {rate(ranks):.2f} | {speed} | {cells} | {mem} | {states} |")
     if "zero3" in results and base:
         ratio = max(peaks(results["zero3"])) / max(peaks(base))
         print(f"\ntarget ZeRO-3 peak <= {TARGET}x DDP: {'met' if ratio <= TARGET else 'not met'} ({ratio:.3f}x)")
     else:
         print(f"\ntarget ZeRO-3 peak <= {TARGET}x DDP: not measured (needs arms ddp and zero3)")
+    if "zero3" in results and base:
+        ratio = max(state_mib(results["zero3"])) / max(state_mib(base))
+        print(f"ZeRO-3 model states per rank / DDP: {ratio:.2f} (target ≤ {STATES_TARGET}: "
+              f"{'met' if ratio <= STATES_TARGET else 'not met'})")
+    else:
+        print(f"ZeRO-3 model states per rank / DDP: not measured (needs arms ddp and zero3; target ≤ {STATES_TARGET})")
+    print("\nmodel states per rank (MiB of distinct tensor storages, counted after the last step's backward, before its "
+          "optimizer step; buckets and gathered ZeRO-3 parameters are not in the total)")
+    print("| arm | rank | params | fp32 master | grads | optimizer state | total | reduce buckets | gathered params |")
+    print("|" + "---|" * 9)
+    for arm, ranks in results.items():
+        for r in sorted(ranks, key=lambda r: r["rank"]):
+            st = r["states"]
+            cells = " | ".join(f"{mib(st[k]):.1f}" for k in STATES)
+            extra = " | ".join(f"{mib(st[k]):.1f}" for k in RESIDUAL)
+            print(f"| {arm} | {r['rank']} | {cells} | {mib(sum(st[k] for k in STATES)):.1f} | {extra} |")
     print("\nper rank (MiB; sanity: each arm's workers start fresh, so the peak at start is small and the pids differ)")
     print("| arm | rank | pid | RSS at start | peak at start | after imports | after build | after wrap | end | peak "
           "| build s | wrap s | warmup s | timed s |")
