@@ -116,3 +116,17 @@ def test_export_writes_a_plain_checkpoint_with_the_same_logits(vlm_package, tmp_
         with torch.no_grad():
             logits.append(loaded.model(**model_inputs(loaded.processor, images, ["Which country?"])).logits.numpy())
     np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_references_name_their_size_and_refuse_a_bad_one():
+    """``tiny:<family>[:<hidden>x<layers>]``: the default is 128x2; a sized one builds that language side."""
+    from georeasoner.vlm.model import build_tiny, check_reference, tiny_family, tiny_size
+
+    assert tiny_size("tiny:qwen2-vl") == (128, 2) and tiny_family("tiny:qwen2-vl:192x3") == "qwen2-vl"
+    model, _ = build_tiny("tiny:qwen2-vl:192x3")
+    assert model.config.text_config.hidden_size == 192 and model.config.text_config.num_hidden_layers == 3
+    for bad in ("tiny:qwen2-vl:100x2", "tiny:qwen2-vl:256", "tiny:qwen2-vl:256x0", "tiny:qwen3-vl"):
+        with pytest.raises(ValueError, match="tiny"):
+            tiny_family(bad)
+    with pytest.raises(ValueError, match="100x2"):  # what every job's input check calls
+        check_reference("tiny:qwen2-vl:100x2")

@@ -66,7 +66,7 @@ class FinetuneConfig(TrainResources):
 
     input: str = Field(..., description="the SFT sets folder (build_sft output) or one .jsonl file")
     task: Literal["base", "reasoning", "location"] = Field(..., description="training stage: base, reasoning, location")
-    model: str = Field(..., description="start from: tiny:qwen2-vl | tiny:qwen2.5-vl | VLM package | checkpoint dir | hub id")
+    model: str = Field(..., description="start from: tiny:qwen2-vl[:<hidden>x<layers>] | tiny:qwen2.5-vl | VLM package | checkpoint dir | hub id")
     name: str | None = Field(None, description="model name in the card (default georeasoner-vlm-<task>)")
     deepspeed: str = Field("zero2", description="zero2 | zero3 | path to a DeepSpeed JSON config")
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -140,7 +140,8 @@ def _meta_model(ref: str):
     from georeasoner.vlm import model as vlm
 
     if vlm.is_tiny(ref):
-        config = vlm.tiny_config(vlm.tiny_family(ref), vlm.build_processor(vlm.tiny_family(ref)).tokenizer)
+        family = vlm.tiny_family(ref)
+        config = vlm.tiny_config(family, vlm.build_processor(family).tokenizer, *vlm.tiny_size(ref))
     elif vlm.is_package(ref):
         folder = packages.local_copy(ref)
         card = json.loads((folder / packages.CARD).read_text())

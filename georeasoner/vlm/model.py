@@ -63,11 +63,32 @@ def is_tiny(ref: str) -> bool:
     return ref.startswith(TINY_PREFIX)
 
 
+def _tiny_parts(ref: str) -> tuple[str, str | None]:
+    family, _, size = ref[len(TINY_PREFIX):].partition(":")
+    return family, size or None
+
+
 def tiny_family(ref: str) -> str:
-    family = ref[len(TINY_PREFIX):]
+    family, _ = _tiny_parts(ref)
     if family not in FAMILIES:
-        raise ValueError(f"unknown tiny model '{ref}' (tiny:qwen2-vl or tiny:qwen2.5-vl)")
+        raise ValueError(f"unknown tiny model '{ref}' (tiny:qwen2-vl or tiny:qwen2.5-vl, optionally sized as "
+                         "tiny:qwen2-vl:256x2: text hidden x layers)")
+    tiny_size(ref)
     return family
+
+
+def tiny_size(ref: str) -> tuple[int, int]:
+    """(text hidden, text layers) of a tiny reference: ``tiny:<family>`` is 128x2; ``tiny:<family>:<hidden>x<layers>``
+    sizes the language side (hidden a multiple of 64: 32-d heads, grouped key/values)."""
+    _, size = _tiny_parts(ref)
+    if size is None:
+        return TINY_TEXT_HIDDEN, TINY_TEXT_LAYERS
+    hidden, _, layers = size.partition("x")
+    if not (hidden.isdigit() and layers.isdigit() and int(hidden) % 64 == 0 and 64 <= int(hidden) <= 4096
+            and 1 <= int(layers) <= 64):
+        raise ValueError(f"tiny model '{ref}': the size must be <hidden>x<layers>, hidden a multiple of 64 "
+                         "(64..4096), layers 1..64, e.g. tiny:qwen2-vl:256x2")
+    return int(hidden), int(layers)
 
 
 def _tokenizer_corpus() -> list[str]:
@@ -162,7 +183,8 @@ def build_tiny(ref: str, seed: int = 0):
     family = tiny_family(ref)
     processor = build_processor(family)
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(tiny_config(family, processor.tokenizer))
+    hidden, layers = tiny_size(ref)
+    model = AutoModelForImageTextToText.from_config(tiny_config(family, processor.tokenizer, hidden, layers))
     _set_generation_ids(model, processor.tokenizer)
     return model, processor
 
