@@ -103,3 +103,20 @@ def test_blocks_are_sized_by_keys_and_actors_keep_their_cpus():
         assert tasks >= 1
         if pool * actor_cpus < cpus:
             assert tasks * decode_cpus + pool * actor_cpus <= cpus
+
+
+def test_actors_that_cannot_start_end_the_job_with_one_clear_error(ray_session, world, tmp_path):
+    """The model actors start before any decoding; when the cluster cannot place them (a GPU asked of a CPU-only
+    Ray) the job stops after actor_start_timeout_s with an error naming the pool, not a hang or a traceback."""
+    from georeasoner.core.config import InputError
+    from georeasoner.locatability.clue_weights import ClueWeightsConfig
+    from georeasoner.locatability.clue_weights import run as clue_weights
+    from georeasoner.locatability.teacher import TeacherConfig
+    from georeasoner.locatability.teacher import run as teacher
+
+    weights = str(tmp_path.parent / "clue_weights_of_world")
+    clue_weights(ClueWeightsConfig(input=str(world), output=weights))
+    cfg = TeacherConfig(input=str(world), weights=weights, output=str(tmp_path / "t"), actor_pool_max=1,
+                        actor_gpus=1, actor_start_timeout_s=3)
+    with pytest.raises(InputError, match="actor_start_timeout_s=3"):
+        teacher(cfg)

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from georeasoner.core import storage
-from georeasoner.core.config import JobConfig
+from georeasoner.core.config import InputError, JobConfig
 from georeasoner.core.images import ImageError, decode_image, error_kind, resize_center_crop
 from georeasoner.core.outputs import JobRun
 from georeasoner.core.progress import Progress
@@ -50,6 +50,8 @@ class InferenceConfig(JobConfig):
     actor_cpus: float = Field(0.5, gt=0, description="CPUs per model actor (fractional keeps reads/writes running)")
     actor_gpus: float = Field(0.0, ge=0, description="GPUs per model actor (> 0: the model runs on cuda)")
     decode_cpus: float = Field(0.25, gt=0, description="CPUs per read/decode task")
+    actor_start_timeout_s: int = Field(900, ge=1, description="seconds to wait for actor_pool_min model actors to "
+                                       "load before any image is decoded (GPU nodes may have to scale up first)")
     rows_per_part: int = Field(2000, ge=1, description="rows per output Parquet part")
     read_retries: int = Field(5, ge=0, description="extra attempts for a transiently failing read")
     read_threads: int = Field(8, ge=1, description="concurrent GET+decode threads inside each decode task")
@@ -57,6 +59,7 @@ class InferenceConfig(JobConfig):
     dry_run_sample: int = Field(32, ge=1, description="images processed to measure throughput in a dry run")
 
     runtime_keys = ("batch_size", "actor_pool_min", "actor_pool_max", "actor_cpus", "actor_gpus", "decode_cpus",
+                    "actor_start_timeout_s",
                     "rows_per_part", "read_retries", "read_threads", "dry_run", "dry_run_sample")
 
     @model_validator(mode="after")
@@ -319,6 +322,10 @@ def process(job: JobRun, cfg: InferenceConfig, adapter: Adapter, keys: pa.Table)
     if adapter.source not in todo.column_names:
         todo = todo.append_column(adapter.source, todo.column("image_uri"))
     cpus = cluster_cpus()
+    # The model actors load first, on idle CPUs; decoding starts once actor_pool_min of them are ready (decode
+    # tasks started together with them held the CPUs, the actors took ~45 s to load at 50k keys and ~900 MiB of
+    # decoded pixels queued in the object store meanwhile).
+    ray.data.DataContext.get_current().wait_for_min_actors_s = cfg.actor_start_timeout_s
     ds = ray.data.from_arrow(key_blocks(todo.select(list(dict.fromkeys(["image_uri", adapter.source]))), cfg.batch_size, cpus))
     # Ray Data fuses a task stage into the next actor stage when their resource requests match, which
     # would decode serially inside the model actors: keep the two requests distinct.
@@ -330,14 +337,20 @@ def process(job: JobRun, cfg: InferenceConfig, adapter: Adapter, keys: pa.Table)
                         batch_size=cfg.batch_size, num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus or None,
                         compute=ray.data.ActorPoolStrategy(min_size=cfg.actor_pool_min, max_size=cfg.actor_pool_max))
     part = next_part_index(job.output)
-    for table in ds.iter_batches(batch_size=cfg.rows_per_part, batch_format="pyarrow", prefetch_batches=1):
-        started = time.monotonic()
-        table = with_carried(table.select(adapter.schema.names), keys, adapter.carry).cast(adapter.schema)
-        storage.write_parquet(table, job.path(f"{PART_PREFIX}{part:06d}.parquet"), schema_version=SCHEMA_VERSION)
-        writing += time.monotonic() - started
-        part += 1
-        progress.update(table.num_rows)
-        marks.append((time.monotonic(), progress.done))
+    try:
+        for table in ds.iter_batches(batch_size=cfg.rows_per_part, batch_format="pyarrow", prefetch_batches=1):
+            started = time.monotonic()
+            table = with_carried(table.select(adapter.schema.names), keys, adapter.carry).cast(adapter.schema)
+            storage.write_parquet(table, job.path(f"{PART_PREFIX}{part:06d}.parquet"), schema_version=SCHEMA_VERSION)
+            writing += time.monotonic() - started
+            part += 1
+            progress.update(table.num_rows)
+            marks.append((time.monotonic(), progress.done))
+    except ray.exceptions.GetTimeoutError as exc:
+        raise InputError(f"{adapter.job}: {cfg.actor_pool_min} model actor(s) of {cfg.actor_cpus} CPU / "
+                         f"{cfg.actor_gpus} GPU did not start within actor_start_timeout_s={cfg.actor_start_timeout_s}: "
+                         "the cluster lacks the resources (lower actor_pool_min / actor_gpus, or add nodes); "
+                         f"the {progress.done} rows written so far are kept") from exc
     return progress, marks, writing
 
 
