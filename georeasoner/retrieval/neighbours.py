@@ -21,7 +21,6 @@ from pydantic import Field
 from georeasoner.core.config import StrictModel
 
 
-
 def versioned(model_version: str, index_version: str) -> str:
     """The ``model_version`` of retrieval-augmented answers: both the package and the gallery shape them."""
     return f"{model_version}+{index_version}"
