@@ -3,8 +3,10 @@
 Builds the gallery from the world's train split (``jobs/build_index.py``'s ``run``), checks that no test image is in
 it (by URI and by identical embedding: :func:`georeasoner.retrieval.check_no_leakage`), answers the test split with
 ``geolocate`` (``engine=knn``), ``baseline_zeroshot`` and, when a VLM package is given, ``geolocate``
-(``engine=vlm``) twice: without an index (VLM alone) and with it (VLM + retrieval: the prompt names the image's
-``--prompt-k`` nearest gallery images, as stage 2 was trained), evaluates each with ``evaluate`` and prints one table. A tiny CLIP is trained first
+(``engine=vlm``) three times: without an index (VLM alone), with the image's ``--prompt-k`` nearest gallery
+images named in the prompt only (``fusion=false``, as stage 2 was trained), and as the job answers with an index
+(VLM + retrieval: both answers combined with the ``--k`` neighbours' vote, :mod:`georeasoner.retrieval.fusion`),
+evaluates each with ``evaluate`` and prints one table. A tiny CLIP is trained first
 (``configs/pretrain_clip/local.yaml``, a few minutes) when ``--clip`` does not exist.
 
     python scripts/compare_retrieval.py [--world outputs/local/world] [--clip outputs/local/clip]
@@ -96,9 +98,12 @@ def main() -> None:
         vlm = Path(a.vlm).resolve()
         runs["VLM"] = (geolocate, cfg(GeolocateConfig, "geolocate", f"input={world}", f"model={vlm}", "index=null",
                                       "scores=null", f"output={out}/vlm"))
+        runs["VLM, neighbours in prompt"] = (
+            geolocate, cfg(GeolocateConfig, "geolocate", f"input={world}", f"model={vlm}", f"index={index}",
+                           f"prompt_k={a.prompt_k}", "fusion=false", "scores=null", f"output={out}/vlm-prompt"))
         runs["VLM + retrieval"] = (geolocate, cfg(GeolocateConfig, "geolocate", f"input={world}", f"model={vlm}",
-                                                  f"index={index}", f"prompt_k={a.prompt_k}", "scores=null",
-                                                  f"output={out}/vlm-retrieval"))
+                                                  f"index={index}", f"prompt_k={a.prompt_k}", f"k={a.k}",
+                                                  "fusion=true", "scores=null", f"output={out}/vlm-retrieval"))
     results, seconds = {}, {}
     for i, (name, (job, c)) in enumerate(runs.items()):
         print(f"== {name}: the world's test split ==", flush=True)

@@ -178,7 +178,7 @@ def test_model_failure_is_retried_per_image(tmp_path):
     assert tuple(decoded["shape"][3][:2]) == (40, 13)  # small images are never enlarged
 
     model = VLMModel.__new__(VLMModel)
-    model.geolocator, model.version, model.neighbours = _FlakyGeolocator(), "flaky-1", None
+    model.geolocator, model.version, model.retrieval = _FlakyGeolocator(), "flaky-1", None
     stage = inference.ModelStage.__new__(inference.ModelStage)
     stage.model, stage.schema = model, ANSWER_SCHEMA
     out = stage(decoded).to_pydict()

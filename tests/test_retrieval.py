@@ -183,8 +183,11 @@ def test_configs_parse_and_vlm_hash_unchanged():
     assert cluster.index.kind == "ivfpq" and cluster.encoder.startswith("s3://") and cluster.actor_gpus == 1
     geo = load_config(GeolocateConfig, REPO / "configs" / "geolocate" / "local.yaml")
     assert geo.engine == "vlm" and geo.index == "outputs/local/index" and geo.k == 16 and geo.prompt_k == 5
-    # the knn vote's k does not change what a VLM run writes; the prompt's gallery does
-    assert geo.config_hash() == geo.model_copy(update={"k": 3}).config_hash()
+    # with fusion (the default) the neighbours' vote shapes a VLM run's answers; without it k does not
+    assert geo.fusion and geo.config_hash() != geo.model_copy(update={"k": 3}).config_hash()
+    single = geo.model_copy(update={"fusion": False})
+    assert single.config_hash() == single.model_copy(update={"k": 3, "vote_weight": 0.0}).config_hash()
+    assert single.config_hash() != geo.config_hash()
     assert geo.config_hash() != geo.model_copy(update={"index": "elsewhere"}).config_hash()
     assert geo.config_hash() != geo.model_copy(update={"prompt_k": 3}).config_hash()
     plain = geo.model_copy(update={"index": None})
@@ -260,8 +263,60 @@ def test_vlm_geolocate_with_an_index_answers_each_key_once(world, gallery, tmp_p
     assert sorted(table.column("image_uri").to_pylist()) == sorted(r["image_uri"] for r in test)
     assert summary["counts"]["missing"] == 0 and summary["counts"]["errors"] == 0
     index_version = storage.read_json(f"{out}/{CARD_FILE}")["version"]
-    assert all(v.endswith("+" + index_version) for v in table.column("model_version").to_pylist())
+    # fused by default: the version names the gallery and how the answers combine
+    assert all(v.endswith(f"+{index_version}+fused-k16-w1") for v in table.column("model_version").to_pylist())
     model = VLMModel("tiny:qwen2-vl", "cpu", None, 2, 0, NeighbourSpec(index=out, k=3))
     arrays = [np.asarray(decode_image(storage.read_bytes(r["image_uri"]))) for r in test[:2]]
-    questions = model.neighbours.questions(model.geolocator.question, arrays)
+    questions = model.retrieval.neighbours.questions(model.geolocator.question, arrays)
     assert all(q.startswith(model.geolocator.question + " " + NEAR_INTRO) and _places_named(q) == 3 for q in questions)
+
+
+def _generation(country, logprobs: dict[str, float], city=None, reasons="r"):
+    import math
+
+    norm = math.log(sum(math.exp(v) for v in logprobs.values()))
+    return {"country": country, "city": city, "lat": 1.0, "lon": 2.0, "reasons": reasons, "confidence": 0.5,
+            "raw_text": f"{country} {city}", "country_logprobs": {c: v - norm for c, v in logprobs.items()}}
+
+
+def test_fusion_combines_both_answers_with_the_neighbours_vote():
+    from georeasoner.retrieval.fusion import fuse
+
+    plain = _generation("FR", {"FR": -0.9, "DE": -1.1, "JP": -3.0}, city="Lyon", reasons="plain")
+    prompted = _generation("DE", {"FR": -1.2, "DE": -0.8, "JP": -3.0}, city="Berlin", reasons="prompted")
+    # no vote: the mean log-probability decides (FR -1.05 vs DE -0.95), the answer that named it is written
+    alone = fuse([plain, prompted], [], vote_weight=0.0)
+    assert alone["country"] == "DE" and alone["city"] == "Berlin" and alone["reasons"] == "prompted"
+    assert "country_logprobs" not in alone and 0.0 < alone["confidence"] < 1.0
+    # neighbours that are all in France turn it; the French answer's city and reasons come with it
+    french = [("FR", "Paris", 0.9)] * 8
+    turned = fuse([plain, prompted], french, vote_weight=1.0)
+    assert turned["country"] == "FR" and turned["city"] == "Lyon" and turned["reasons"] == "plain"
+    assert turned["confidence"] > alone["confidence"]
+    # a country neither answer named: the city of its neighbours, coordinates from GeoNames
+    japan = [("JP", "Osaka", 0.9)] * 16
+    far = fuse([plain, prompted], japan, vote_weight=3.0)
+    assert far["country"] == "JP" and far["city"] == "Osaka" and far["lat"] == pytest.approx(34.69, abs=0.1)
+    assert far["reasons"] in ("plain", "prompted")
+    # weak, split neighbours do not overturn the VLM
+    split = [("JP", "Osaka", 0.2), ("FR", "Paris", 0.2), ("DE", "Berlin", 0.2)]
+    assert fuse([plain, prompted], split, vote_weight=1.0)["country"] == "DE"
+    # an answer without a country value passes through
+    bare = {"country": None, "city": None, "lat": None, "lon": None, "reasons": "", "confidence": 0.0,
+            "raw_text": "?", "country_logprobs": None}
+    assert fuse([bare, dict(bare)], french, vote_weight=1.0)["raw_text"] == "?"
+
+
+def test_country_logprobs_are_read_where_the_country_value_is_written():
+    from georeasoner.vlm.model import load_vlm
+    from georeasoner.vlm.predict import _country_first_tokens, _value_tokens
+
+    tok = load_vlm("tiny:qwen2-vl").processor.tokenizer
+    text = '{"reasons": "Cars drive on the left.", "country": "Japan", "city": "Osaka"}'
+    ids = tok(text, add_special_tokens=False).input_ids
+    hits = _value_tokens(tok, ids, text)
+    assert hits and tok.decode([ids[hits[0]]]).strip() == "Japan"
+    assert _value_tokens(tok, ids[:5], '{"reasons": "x"') == []
+    codes, first = _country_first_tokens(tok)
+    assert len(codes) == len(set(codes)) == len(first) == len(set(first)) and "JP" in codes
+    assert first[codes.index("JP")] == ids[hits[0]]

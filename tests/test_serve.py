@@ -180,6 +180,7 @@ def test_healthz_and_models(service, vlm_package, gallery):
     assert data[0]["id"] == "georeasoner" and data[0]["model_version"] == card["version"]
     assert data[0]["adapters"] == [] and data[0]["scorer_version"].startswith("student-untrained")
     assert data[0]["index_version"] == json.loads((Path(gallery[0]) / "_index_card.json").read_text())["version"]
+    assert data[0]["retrieval"] == {"k": 3, "far": 0, "fusion": True, "vote_k": 16, "vote_weight": 1.0}
 
 
 def test_s3_uri_allowed_and_refused(service, s3_buckets):

@@ -50,7 +50,14 @@ class GeolocateConfig(inference.InferenceConfig):
     model: str | None = Field(None, description="engine vlm: VLM package (local folder or s3://) made by finetune; also tiny:qwen2-vl, a checkpoint folder or a hub id")
     index: str | None = Field(None, description="a gallery (local folder or s3://) made by build_index: engine knn "
                                                 "votes with it; engine vlm names its nearest images in the prompt")
-    k: int = Field(16, ge=1, description="engine knn: nearest gallery images that vote")
+    k: int = Field(16, ge=1, le=256, description="nearest gallery images that vote: engine knn, and engine vlm with "
+                                                 "index and fusion")
+    fusion: bool = Field(True, description="engine vlm with index: answer the plain question and the one naming "
+                                           "the neighbours, and combine both answers' country distributions with "
+                                           "the k neighbours' vote (georeasoner.retrieval.fusion); false: one "
+                                           "answer with the neighbours in the prompt")
+    vote_weight: float = Field(1.0, ge=0, le=10, description="engine vlm with index and fusion: weight of the "
+                                                             "neighbours' log vote share (0: the two answers alone)")
     prompt_k: int = Field(5, ge=1, le=64, description="engine vlm with index: nearest gallery images named in the "
                                                       "prompt (as build_sft's neighbours.k)")
     prompt_far: int = Field(0, ge=0, le=64, description="engine vlm with index: least similar gallery images named "
@@ -71,16 +78,19 @@ class GeolocateConfig(inference.InferenceConfig):
 
     def hash_excluded(self) -> set[str]:
         if self.engine == "knn":
-            return {"model", "max_side", "max_new_tokens", "dtype", "prompt_k", "prompt_far"}
-        return {"engine", "k"} | (set() if self.index else {"index", "prompt_k", "prompt_far"})
+            return {"model", "max_side", "max_new_tokens", "dtype", "prompt_k", "prompt_far", "fusion", "vote_weight"}
+        if not self.index:
+            return {"engine", "k", "index", "prompt_k", "prompt_far", "fusion", "vote_weight"}
+        return {"engine"} | (set() if self.fusion else {"k", "vote_weight"})
 
     def neighbours(self):
         """engine vlm: the prompt's neighbours (None without an index)."""
-        from georeasoner.retrieval.neighbours import NeighbourSpec
+        from georeasoner.retrieval.neighbours import AnswerNeighbourSpec
 
         if self.engine != "vlm" or not self.index:
             return None
-        return NeighbourSpec(index=self.index, k=self.prompt_k, far=self.prompt_far)
+        return AnswerNeighbourSpec(index=self.index, k=self.prompt_k, far=self.prompt_far, fusion=self.fusion,
+                                   vote_k=self.k, vote_weight=self.vote_weight)
 
     def check_inputs(self) -> None:
         if self.min_locatability is not None and not self.scores:
@@ -210,26 +220,27 @@ def decode_downsized(data: bytes, max_side: int) -> np.ndarray:
 
 class VLMModel:
     """The VLM as the engine's model: an RGB array per image -> its answer in the answers schema; with
-    ``neighbours``, each prompt names the image's nearest gallery images (the gallery read once per actor)."""
+    ``neighbours``, answers are retrieval-augmented (:class:`georeasoner.retrieval.fusion.RetrievalAnswerer`, the
+    gallery read once per actor)."""
 
     def __init__(self, model: str, device: str, dtype: str | None, max_new_tokens: int, seed: int, neighbours=None):
         from georeasoner.vlm.predict import Geolocator
 
         self.geolocator = Geolocator.from_ref(model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, seed=seed)
         self.version = self.geolocator.version
-        self.neighbours = None
+        self.retrieval = None
         if neighbours is not None:
-            from georeasoner.retrieval.neighbours import Neighbours, versioned
+            from georeasoner.retrieval.fusion import RetrievalAnswerer
 
-            self.neighbours = Neighbours(neighbours, device)
-            self.version = versioned(self.version, self.neighbours.version)
+            self.retrieval = RetrievalAnswerer.from_spec(self.geolocator, neighbours, device)
+            self.version = self.retrieval.version
 
     def predict(self, arrays: list[np.ndarray]) -> list[dict[str, Any]]:
         from PIL import Image
 
-        questions = self.neighbours.questions(self.geolocator.question, arrays) if self.neighbours else None
         images = [Image.fromarray(x, mode="RGB") for x in arrays]
-        return [clean_answer(a) for a in self.geolocator.answer(images, questions)]
+        answers = self.retrieval.answer(images, arrays) if self.retrieval else self.geolocator.answer(images)
+        return [clean_answer(a) for a in answers]
 
 
 def adapter(cfg: GeolocateConfig) -> inference.Adapter:
@@ -295,10 +306,11 @@ def run(cfg: GeolocateConfig) -> dict:
     else:
         version, inputs = model_version(cfg.model, cfg.seed), {"input": cfg.input, "model": cfg.model, "scores": cfg.scores}
         if cfg.index:
+            from georeasoner.retrieval.fusion import answer_version
             from georeasoner.retrieval.knn import index_version
-            from georeasoner.retrieval.neighbours import versioned
 
-            version, inputs = versioned(version, index_version(cfg.index)), {**inputs, "index": cfg.index}
+            version = answer_version(version, index_version(cfg.index), cfg.neighbours())
+            inputs = {**inputs, "index": cfg.index}
     job = JobRun(JOB, cfg, model_version=version, inputs=inputs).start()
     if cfg.min_locatability is not None:
         skipped = pa.table({"image_uri": pa.array([u for u, _ in sel.skipped], pa.string()),

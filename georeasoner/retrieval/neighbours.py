@@ -35,6 +35,18 @@ class NeighbourSpec(StrictModel):
     far: int = Field(0, ge=0, le=64, description="least similar gallery images named too (G3's negative candidates)")
 
 
+class AnswerNeighbourSpec(NeighbourSpec):
+    """The ``neighbours:`` group where answers are made (geolocate, Serve): also how they are combined
+    (:mod:`georeasoner.retrieval.fusion`)."""
+
+    fusion: bool = Field(True, description="answer twice (the plain question and the one naming the neighbours) and "
+                                           "combine both answers' country distributions with the neighbours' vote; "
+                                           "false: one answer with the neighbours in the prompt")
+    vote_k: int = Field(16, ge=1, le=256, description="with fusion: nearest gallery images that vote")
+    vote_weight: float = Field(1.0, ge=0, le=10, description="with fusion: weight of the neighbours' log vote share "
+                                                             "against the VLM's log-probabilities (0: the two answers alone)")
+
+
 class Neighbours:
     """A gallery as a source of prompt context: images (RGB arrays) or embeddings -> ``{"near", "far"}`` lists
     of ``(city, country name)``, best first."""

@@ -244,7 +244,7 @@ class Ingress:
             "model_version": info["model_version"], "adapters": info["adapters"], "family": info["family"],
             "base_model": info["base_model"], "scorer_version": info["scorer_version"],
             "fallback_model": info["fallback"], "commercial_use": info.get("commercial_use"),
-            "index_version": info.get("index_version"),
+            "index_version": info.get("index_version"), "retrieval": info.get("retrieval"),
         }
         return {"object": "list", "data": [card]}
 

@@ -132,11 +132,11 @@ class GeolocatorDeployment:
         self.device = pick_device(s.device)
         start = time.monotonic()
         self.geo = Geolocator.from_ref(s.model, device=self.device, dtype=s.dtype, max_new_tokens=s.max_new_tokens)
-        self.neighbours = None
+        self.retrieval = None
         if s.neighbours.index:  # the gallery read once per replica
-            from georeasoner.retrieval.neighbours import Neighbours
+            from georeasoner.retrieval.fusion import RetrievalAnswerer
 
-            self.neighbours = Neighbours(s.neighbours, self.device)
+            self.retrieval = RetrievalAnswerer.from_spec(self.geo, s.neighbours, self.device)
         loaded = self.geo.loaded
         self.answer_batch.set_max_batch_size(s.geolocator.max_batch_size)
         self.answer_batch.set_batch_wait_timeout_s(s.geolocator.batch_wait_timeout_s)
@@ -153,7 +153,9 @@ class GeolocatorDeployment:
             "max_batch_size": s.geolocator.max_batch_size,
             "commercial_use": (loaded.card or {}).get("commercial_use"),
             "scorer_version": None,
-            "index_version": self.neighbours.version if self.neighbours else None,
+            "index_version": self.retrieval.neighbours.version if self.retrieval else None,
+            "retrieval": (self.retrieval.spec.model_dump(include={"k", "far", "fusion", "vote_k", "vote_weight"})
+                          if self.retrieval else None),
         }
         self._scorer_info: dict[str, Any] | None = None
         logger.info("Geolocator replica: %s on %s loaded in %.1fs", self.geo.version, self.device,
@@ -163,9 +165,9 @@ class GeolocatorDeployment:
         import numpy as np
 
         images = [as_image(x) for x in images]
-        questions = (self.neighbours.questions(self.geo.question, [np.asarray(x) for x in images])
-                     if self.neighbours else None)
-        return self.geo.answer(images, questions)
+        if self.retrieval:
+            return self.retrieval.answer(images, [np.asarray(x) for x in images])
+        return self.geo.answer(images)
 
     async def _scores(self, response, n: int) -> list[dict[str, Any]]:
         if response is None:

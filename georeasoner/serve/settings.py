@@ -20,7 +20,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 
 from georeasoner.core.config import ConfigError, StorageConfig, StrictModel, format_error, set_dotted, parse_override
 from georeasoner.core.images import MAX_PIXELS
-from georeasoner.retrieval.neighbours import NeighbourSpec
+from georeasoner.retrieval.neighbours import AnswerNeighbourSpec
 
 logger = logging.getLogger("georeasoner.serve")
 
@@ -70,7 +70,7 @@ class ServeSettings(StrictModel):
     slow_body_s: float = Field(5.0, gt=0, description="a body still arriving after this is a slow one")
     max_slow_bodies: int = Field(8, ge=0, le=4096, description="slow bodies read at once in an ingress replica; one "
                                                                "more gets 408 as soon as it turns slow")
-    neighbours: NeighbourSpec = Field(default_factory=NeighbourSpec, description="retrieval-augmented answers: "
+    neighbours: AnswerNeighbourSpec = Field(default_factory=AnswerNeighbourSpec, description="retrieval-augmented answers: "
                                       "the gallery (jobs/build_index.py) whose nearest images the prompt names")
     storage: StorageConfig = Field(default_factory=StorageConfig)
 

@@ -8,6 +8,7 @@ Used alike by the batch job, Ray Serve and evaluation.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any
@@ -33,23 +34,41 @@ def model_inputs(processor, images: list, questions: list[str], padding_side: st
         tokenizer.padding_side = old
 
 
-def _span_probability(tokenizer, token_ids: list[int], probs: list[float], text: str) -> float | None:
-    """Product of the probabilities of the tokens that overlap the country value in ``text``."""
+def _value_tokens(tokenizer, token_ids: list[int], text: str) -> list[int]:
+    """Positions of the generated tokens that overlap the country value in ``text`` (empty: no country field)."""
     match = _COUNTRY_VALUE.search(text)
     if not match:
-        return None
+        return []
     start, end = match.span(1)
-    pos, product, hit = 0, 1.0, False
-    for tid, p in zip(token_ids, probs):
+    pos, hits = 0, []
+    for t, tid in enumerate(token_ids):
         piece = tokenizer.decode([tid], skip_special_tokens=True)
         lo, hi = pos, pos + len(piece)
         pos = hi
         if hi > start and lo < end and piece.strip():
-            product *= p
-            hit = True
+            hits.append(t)
         if lo >= end:
             break
-    return product if hit else None
+    return hits
+
+
+@functools.lru_cache(maxsize=8)
+def _country_first_tokens(tokenizer) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(ISO2 codes, first token id of each country's name) for every country the geography knows; names
+    whose first token another name shares count for the first of them only (a multi-token tokenizer's
+    "United ..." names: their prior is that token's, documented in docs/metrics.md)."""
+    from georeasoner.geo import to_iso2
+    from georeasoner.vlm.model import country_names
+
+    codes, ids, seen = [], [], set()
+    for name in country_names():
+        first = tokenizer(name, add_special_tokens=False).input_ids[:1]
+        code = to_iso2(name)
+        if first and code and first[0] not in seen:
+            seen.add(first[0])
+            codes.append(code)
+            ids.append(first[0])
+    return tuple(codes), tuple(ids)
 
 
 class Geolocator:
@@ -74,8 +93,12 @@ class Geolocator:
     def version(self) -> str:
         return self.loaded.version
 
-    def answer(self, images: list, questions: list[str] | None = None) -> list[dict[str, Any]]:
-        """One answer dict per image: answer fields (docs/conventions.md › Answers) + ``raw_text``."""
+    def answer(self, images: list, questions: list[str] | None = None,
+               country_logprobs: bool = False) -> list[dict[str, Any]]:
+        """One answer dict per image: answer fields (docs/conventions.md › Answers) + ``raw_text``; with
+        ``country_logprobs``, also ``country_logprobs``: ISO2 -> the model's log-probability of that country's
+        name where it wrote the country value (renormalised over the known countries; None when the answer has
+        no country field), the VLM's side of retrieval fusion (:mod:`georeasoner.retrieval.fusion`)."""
         import torch
 
         if not images:
@@ -102,12 +125,19 @@ class Geolocator:
                 probs.append(math.exp(float(steps[row, t, tid])) if steps is not None else 0.0)
             raw = tokenizer.decode(ids, skip_special_tokens=True)
             answer = parse_answer(raw)
-            conf = _span_probability(tokenizer, ids, probs, raw) if answer["country"] else None
+            hits = _value_tokens(tokenizer, ids, raw) if answer["country"] or country_logprobs else []
+            conf = math.prod(probs[t] for t in hits) if hits and answer["country"] else None
             if conf is None:
                 conf = math.exp(sum(math.log(max(p, 1e-12)) for p in probs) / len(probs)) if probs else 0.0
                 conf = conf if answer["country"] else 0.0
             answer["confidence"] = float(min(1.0, max(0.0, conf)))
             answer["raw_text"] = raw
+            if country_logprobs:
+                answer["country_logprobs"] = None
+                if hits and steps is not None:
+                    codes, first = _country_first_tokens(tokenizer)
+                    lp = steps[row, hits[0], list(first)].log_softmax(-1).tolist()
+                    answer["country_logprobs"] = dict(zip(codes, lp))
             answers.append(answer)
         return answers
 
