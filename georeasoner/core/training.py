@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
@@ -155,6 +156,9 @@ class Worker:
         import torch
 
         cfg.storage.apply()
+        # DeepSpeed calls torch's deprecated collective names on every step: one FutureWarning per call, pages of
+        # them in the job's log and nothing a user can act on
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         torch.manual_seed(cfg.seed)
         ctx = ray.train.get_context()
