@@ -6,7 +6,7 @@ images/s (after the first part), whole-run images/s (keys / wall time of the pro
 start to the first part, the driver's peak RSS, and the mean busy share of all CPUs. Beside them, the pipeline
 bound on this machine, measured in the same run: decode alone (read + decode + resize on every core), the model
 alone (on pre-decoded tensors, every core), and the bound for the two sharing the cores, 1 / (1/decode + 1/model).
-With ``--kill-at`` the largest size is also killed half way and started again (every key once; resume scan time).
+With ``--kill`` the largest size is also killed half way and started again (every key once; resume scan time).
 
     python scripts/bench_scale.py [--sizes 5000,50000,200000] [--images 300] [--kill]
 """
@@ -59,13 +59,17 @@ def decode_alone(images: list[Path], size: int, cpus: int, n: int = 3000) -> flo
     return done / (time.perf_counter() - start)
 
 
+def rows_per_part(n: int) -> int:
+    return max(250, min(2000, n // 20))
+
+
 def score_job(model: str, folder: Path, out: Path, n: int, kill_after_parts: int | None = None) -> dict:
     """Run the job as a process; sample its RSS and the CPUs while it runs."""
     import psutil
 
     args = [sys.executable, str(REPO / "jobs" / "score_locatability.py"), "--config",
             "configs/score_locatability/local.yaml", f"input={folder}", f"model={model}", f"output={out}",
-            f"rows_per_part={max(250, min(2000, n // 20))}"]
+            f"rows_per_part={rows_per_part(n)}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     psutil.cpu_percent(None)
     start = time.monotonic()
@@ -133,7 +137,8 @@ def main() -> None:
         if a.kill:
             n = sizes[-1]
             out = tmp / f"killed{n}"
-            killed = score_job(model, tmp / f"keys{n}", out, n, kill_after_parts=10)  # half of the ~20 parts
+            half = -(-n // rows_per_part(n)) // 2  # half of the run's parts
+            killed = score_job(model, tmp / f"keys{n}", out, n, kill_after_parts=half)
             print(f"killed after {killed['killed_after_s']} s with {killed['parts']} parts; starting again", flush=True)
             t0 = time.monotonic()
             resume_row = score_job(model, tmp / f"keys{n}", out, n)

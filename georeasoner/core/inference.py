@@ -55,12 +55,14 @@ class InferenceConfig(JobConfig):
     rows_per_part: int = Field(2000, ge=1, description="rows per output Parquet part")
     read_retries: int = Field(5, ge=0, description="extra attempts for a transiently failing read")
     read_threads: int = Field(8, ge=1, description="concurrent GET+decode threads inside each decode task")
+    model_threads: int | None = Field(None, ge=1, le=256, description="torch threads in each model actor (CPU "
+                                      "models); null: as Ray sets them from actor_cpus (1 for a fractional CPU)")
     dry_run: bool = Field(False, description="select and count keys, time the model on a sample, estimate the run, write nothing")
     dry_run_sample: int = Field(32, ge=1, description="images processed to measure throughput in a dry run")
 
     runtime_keys = ("batch_size", "actor_pool_min", "actor_pool_max", "actor_cpus", "actor_gpus", "decode_cpus",
                     "actor_start_timeout_s",
-                    "rows_per_part", "read_retries", "read_threads", "dry_run", "dry_run_sample")
+                    "rows_per_part", "read_retries", "read_threads", "model_threads", "dry_run", "dry_run_sample")
 
     @model_validator(mode="after")
     def _pool(self):
@@ -206,8 +208,12 @@ def result_table(batch: dict[str, np.ndarray], results: dict[int, dict[str, Any]
 class ModelStage:
     """The actor: loads the adapter's model once, answers the decoded rows of each batch."""
 
-    def __init__(self, load: Callable[[], Model], schema: pa.Schema, storage_cfg: dict):
+    def __init__(self, load: Callable[[], Model], schema: pa.Schema, storage_cfg: dict, threads: int | None = None):
         storage.configure(**storage_cfg)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         self.model = load()
         self.schema = schema
 
@@ -333,7 +339,7 @@ def process(job: JobRun, cfg: InferenceConfig, adapter: Adapter, keys: pa.Table)
     ds = ds.map_batches(_decode_fn(adapter.source, storage_cfg, cfg.read_retries, cfg.read_threads, adapter.decode),
                         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=decode_cpus,
                         compute=ray.data.TaskPoolStrategy(size=decode_tasks(cfg, cpus)))
-    ds = ds.map_batches(ModelStage, fn_constructor_args=(adapter.load, adapter.schema, storage_cfg),
+    ds = ds.map_batches(ModelStage, fn_constructor_args=(adapter.load, adapter.schema, storage_cfg, cfg.model_threads),
                         batch_size=cfg.batch_size, num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus or None,
                         compute=ray.data.ActorPoolStrategy(min_size=cfg.actor_pool_min, max_size=cfg.actor_pool_max))
     part = next_part_index(job.output)
