@@ -117,6 +117,11 @@ def main() -> None:
         metrics = evaluate(cfg(EvaluateConfig, "evaluate", f"input={c.output}", f"manifest={world}", "baseline=null",
                                "scores=null", "clues=null", "report=false", f"name={name}", f"output={out}/eval-{i}"))
         results[name] = storage.read_json(metrics["metrics_json"])["results"][name]
+    if "VLM" in runs and "VLM, neighbours in prompt" in runs:  # how much naming the neighbours moves the answers
+        alone, named = (dict(zip(*storage.read_parquet(runs[n][1].output, columns=["image_uri", "country"]).to_pydict()
+                                  .values())) for n in ("VLM", "VLM, neighbours in prompt"))
+        changed = sum(alone[u] != named.get(u) for u in alone)
+        print(f"naming the neighbours in the prompt changes the answered country of {changed} of {len(alone)} images")
     print("\n" + format_table(results) + "\n")
     print(markdown(results, seconds))
 

@@ -24,7 +24,6 @@ answer is the single generation with neighbours in the prompt (the earlier behav
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -35,13 +34,10 @@ PRIOR = 0.5  # pseudo-count per country in the smoothed vote share
 def vote_logprior(votes: list[tuple[str | None, str | None, float]], n_countries: int) -> dict[str, float]:
     """Smoothed log vote share per voted country (``votes``: (ISO2, city, similarity), best first); a country
     no neighbour voted for gets :func:`unvoted_logprior`."""
-    tally: dict[str, float] = defaultdict(float)
-    for country, _, sim in votes:
-        if country:
-            tally[country] += max(float(sim), 0.0) + 1e-9
+    from georeasoner.retrieval.knn import similarity_tally
+
+    tally = similarity_tally([c for c, _, _ in votes], [s for _, _, s in votes])
     total, k = sum(tally.values()), max(len(votes), 1)
-    if not total:
-        return {}
     return {c: math.log((w / total * k + PRIOR) / (k + PRIOR * n_countries)) for c, w in tally.items()}
 
 
@@ -51,10 +47,9 @@ def unvoted_logprior(n_votes: int, n_countries: int) -> float:
 
 
 def _city_of_votes(votes, country: str) -> str | None:
-    tally: dict[str, float] = defaultdict(float)
-    for c, city, sim in votes:
-        if c == country and city:
-            tally[city] += max(float(sim), 0.0) + 1e-9
+    from georeasoner.retrieval.knn import similarity_tally
+
+    tally = similarity_tally([city if c == country else None for c, city, _ in votes], [s for _, _, s in votes])
     return max(tally, key=tally.get) if tally else None
 
 
@@ -69,10 +64,9 @@ def fuse(answers: list[dict[str, Any]], votes: list[tuple[str | None, str | None
         best.pop("country_logprobs", None)
         return best
     countries = list(scored[0]["country_logprobs"])
-    prior = vote_logprior(votes, len(countries)) if vote_weight else {}
-    floor = unvoted_logprior(len(votes), len(countries))
+    prior, floor = vote_logprior(votes, len(countries)), unvoted_logprior(len(votes), len(countries))
     score = np.array([sum(a["country_logprobs"][c] for a in scored) / len(scored)
-                      + (vote_weight * prior.get(c, floor) if vote_weight else 0.0) for c in countries])
+                      + vote_weight * prior.get(c, floor) for c in countries])
     top = int(np.argmax(score))
     country = countries[top]
     posterior = float(1.0 / np.exp(score - score[top]).sum())
@@ -96,7 +90,7 @@ def answer_version(model_version: str, index_version: str, spec) -> str:
     """The ``model_version`` of retrieval-augmented answers: the package, the gallery and how they combine."""
     from georeasoner.retrieval.neighbours import versioned
 
-    tag = f"+fused-k{spec.vote_k}-w{spec.vote_weight:g}" if getattr(spec, "fusion", False) else ""
+    tag = f"+fused-k{spec.vote_k}-w{spec.vote_weight:g}" if spec.fusion else ""
     return versioned(model_version, index_version) + tag
 
 
@@ -107,7 +101,6 @@ class RetrievalAnswerer:
         self.geolocator = geolocator
         self.neighbours = neighbours
         self.spec = neighbours.spec
-        self.fusion, self.vote_k, self.vote_weight = self.spec.fusion, self.spec.vote_k, self.spec.vote_weight
         self._countries = neighbours.gallery.rows.column("country").to_pylist()
         self._cities = neighbours.gallery.rows.column("city").to_pylist()
 
@@ -124,7 +117,7 @@ class RetrievalAnswerer:
         return answer_version(self.geolocator.version, self.neighbours.version, self.spec)
 
     def votes(self, vectors: np.ndarray) -> list[list[tuple[str | None, str | None, float]]]:
-        sims, ids = self.neighbours.gallery.search(vectors, self.vote_k)
+        sims, ids = self.neighbours.gallery.search(vectors, self.spec.vote_k)
         return [[(self._countries[int(j)], self._cities[int(j)], float(s)) for s, j in zip(srow, irow) if j >= 0]
                 for srow, irow in zip(sims, ids)]
 
@@ -138,8 +131,8 @@ class RetrievalAnswerer:
         near = self.neighbours.of_vectors(vectors)
         question = self.geolocator.question
         questions = [with_neighbours(question, n["near"], n["far"]) for n in near]
-        if not self.fusion:
+        if not self.spec.fusion:
             return self.geolocator.answer(images, questions)
         plain = self.geolocator.answer(images, None, country_logprobs=True)
         prompted = self.geolocator.answer(images, questions, country_logprobs=True)
-        return [fuse([a, b], v, self.vote_weight) for a, b, v in zip(plain, prompted, self.votes(vectors))]
+        return [fuse([a, b], v, self.spec.vote_weight) for a, b, v in zip(plain, prompted, self.votes(vectors))]

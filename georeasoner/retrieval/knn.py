@@ -41,15 +41,22 @@ def weighted_medoid(lat: np.ndarray, lon: np.ndarray, weights: np.ndarray, candi
     return cands[int(np.argmin(cost))]
 
 
+def similarity_tally(keys, sims) -> dict[str, float]:
+    """Similarity weight per key (a neighbour's weight: its similarity floored at 0, plus 1e-9 so that every
+    labelled neighbour counts); None keys are left out. The kNN vote's and retrieval fusion's tally."""
+    tally: dict[str, float] = defaultdict(float)
+    for key, sim in zip(keys, sims):
+        if key:
+            tally[key] += max(float(sim), 0.0) + 1e-9
+    return dict(tally)
+
+
 def vote(neighbours: list[dict[str, Any]], sims: np.ndarray) -> dict[str, Any]:
     """The answer of one image from its neighbours (label dicts, best first) and their similarities."""
     from georeasoner.geo import country_name
 
     weights = np.clip(np.asarray(sims, dtype=np.float64), 0.0, None) + 1e-9
-    tally: dict[str, float] = defaultdict(float)
-    for row, w in zip(neighbours, weights):
-        if row.get("country"):
-            tally[row["country"]] += w
+    tally = similarity_tally([r.get("country") for r in neighbours], sims)
     country = max(tally, key=lambda c: (tally[c], -min(i for i, r in enumerate(neighbours) if r.get("country") == c)),
                   default=None)
     members = np.array([i for i, r in enumerate(neighbours) if country is None or r.get("country") == country])

@@ -56,7 +56,7 @@ def _value_tokens(tokenizer, token_ids: list[int], text: str) -> list[int]:
 def _country_first_tokens(tokenizer) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """(ISO2 codes, first token id of each country's name) for every country the geography knows; names
     whose first token another name shares count for the first of them only (a multi-token tokenizer's
-    "United ..." names: their prior is that token's, documented in docs/metrics.md)."""
+    "United ..." names: their prior is that token's, docs/schemas.md › geolocate)."""
     from georeasoner.geo import to_iso2
     from georeasoner.vlm.model import country_names
 
