@@ -177,15 +177,17 @@ def test_base_task_with_vision_warmup_on_two_workers(sft, tmp_path, ray_session)
     assert 0.0 <= warm["precision"] <= 1.0 and 0.0 <= warm["recall"] <= 1.0
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(sft, tmp_path):
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "streamed"])
+def test_killed_run_resumes_from_its_last_checkpoint(cache, sft, tmp_path):
     """SIGKILL the job after its first checkpoint; started again with the same config it continues at that
-    step, with the learning-rate schedule where it was."""
+    step, with the learning-rate schedule where it was; a streamed set starts again at that step's samples."""
     from georeasoner.core.training import lr_factor
 
     out = tmp_path / "resumed"
     args = [sys.executable, str(REPO / "jobs" / "finetune.py"), "--config", str(REPO / "configs/finetune/reasoning_local.yaml"),
             f"input={sft}", "model=tiny:qwen2-vl", f"output={out}", "max_steps=12", "checkpoint_every_steps=4",
-            "micro_batch_size=4", "limit=64", "eval_input=null", "cpus_per_worker=0.5", "lr=0.01", "warmup_ratio=0.25"]
+            "micro_batch_size=4", "limit=64", "eval_input=null", "cpus_per_worker=0.5", "lr=0.01", "warmup_ratio=0.25",
+            f"cache_pixels={str(cache).lower()}", "stream_block_rows=8"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = tmp_path / "first.log"
     with open(log, "w") as fh:
@@ -209,6 +211,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(sft, tmp_path):
     assert 4 <= step < 12 and step % 4 == 0
     lr = float(resumed[0].split("(lr ")[1].rstrip(")"))
     assert lr == pytest.approx(0.01 * lr_factor(step, 12, 3), rel=1e-2)
+    if not cache:  # the stream holds the samples of the steps left (4 a micro-batch x 2 workers a step), no more
+        assert f"finetune: streaming {(12 - step) * 8} samples from step {step} " in text, text[-3000:]
+        assert "skipped" not in text
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["counts"]["steps"] == 12
     assert adapter_norms(str(out))["reasoning"] > 0
@@ -241,3 +246,46 @@ def test_check_inputs_names_a_missing_model(sft, tmp_path):
     cfg = config(sft, tmp_path / "o", "reasoning", str(tmp_path / "no-such-package"), "zero2")
     with pytest.raises(InputError, match="no-such-package"):
         cfg.check_inputs()
+
+
+def test_stream_plan_is_the_cached_order():
+    """Streamed sample positions map to the rows the cached run draws, step by step (resume included)."""
+    from georeasoner.vlm.batches import plan_rows, step_indices
+
+    n, batch, seed = 37, 8, 4
+    rows, steps = plan_rows(np.arange(3 * batch, 10 * batch), n, batch, seed)
+    expected = np.concatenate([step_indices(n, s, batch, seed) for s in range(3, 10)])
+    np.testing.assert_array_equal(rows, expected)
+    np.testing.assert_array_equal(steps, np.repeat(np.arange(3, 10), batch))
+
+
+def test_stream_dataset_blocks_and_rows(sft, ray_session):
+    """Blocks of at most ``block_rows`` samples (never the whole set in one), each row the planned one with the
+    pixels the in-memory cache would hold."""
+    from georeasoner.vlm.batches import ImageCache, plan_rows, read_rows, stream_dataset
+    from georeasoner.vlm.model import build_processor
+
+    rows = read_rows(str(Path(sft) / "reasoning.jsonl"))[:40]
+    processor = build_processor("qwen2-vl")
+    ds = stream_dataset(rows, processor.image_processor, start_step=2, total_steps=6, global_batch=8, seed=1,
+                        block_rows=10, cpus=0.5).materialize()
+    sizes = [m.num_rows for bundle in ds.iter_internal_ref_bundles() for m in bundle.metadata]
+    assert sum(sizes) == 4 * 8 and max(sizes) <= 10 and len(sizes) >= 4
+    got = ds.take_all()
+    planned, steps = plan_rows(np.arange(16, 48), len(rows), 8, 1)
+    assert sorted(int(r["step"]) for r in got) == sorted(steps.tolist())
+    assert sorted((r["image_uri"], r["answer"]) for r in got) == sorted(
+        (rows[i]["image_uri"], rows[i]["answer"]) for i in planned)
+    cache = ImageCache(processor)
+    for r in got[:4]:
+        pixels, grid = cache.get([r["image_uri"]])[0]
+        np.testing.assert_array_equal(np.asarray(r["pixel_values"]), pixels)
+        np.testing.assert_array_equal(np.asarray(r["image_grid_thw"]), grid)
+
+
+def test_streaming_refuses_a_local_ray_without_cpus_for_its_images(sft, tmp_path, ray_session):
+    from georeasoner.vlm.finetune import run
+
+    cfg = config(sft, tmp_path / "s", "reasoning", "tiny:qwen2-vl", "zero2", cpus_per_worker=1.0, cache_pixels=False)
+    with pytest.raises(InputError, match=r"needs 2.5 CPUs .* the Ray has 2"):
+        run(cfg)

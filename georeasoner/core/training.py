@@ -114,9 +114,29 @@ def final_metrics(result) -> dict[str, Any]:
     return metrics
 
 
-def fit(recipe: type[Recipe], cfg: TrainResources, data: dict[str, Any], name: str):
+def checkpoint_states(cfg: TrainResources, name: str) -> list[dict[str, Any]]:
+    """The ``state.json`` of every checkpoint the Ray Train run ``name`` has stored (none on a fresh start). With
+    ``num_to_keep=1`` that is one, or two for a moment while a new one replaces the old (or a kill left a partial
+    upload): a caller that positions a data stream takes the earliest, which is never past the one Ray restores."""
+    root = storage.join(cfg.train_storage(), name)
+    if not storage.exists(root):
+        return []
+    states = []
+    for entry in storage.iter_files(root, suffixes=(STATE,), include_hidden=True):
+        if storage.basename(entry.uri) != STATE:
+            continue
+        try:
+            states.append(storage.read_json(entry.uri))
+        except (ValueError, *storage.read_errors()):
+            continue  # a partial upload: Ray does not restore it either
+    return states
+
+
+def fit(recipe: type[Recipe], cfg: TrainResources, data: dict[str, Any], name: str,
+        datasets: dict[str, Any] | None = None):
     """Run ``recipe`` in a Ray Train ``TorchTrainer`` (resuming a same-named run); returns the ``Result``. The
-    workers get ``data`` and the config (absolute paths, the driver's effective storage settings)."""
+    workers get ``data`` and the config (absolute paths, the driver's effective storage settings); ``datasets``
+    (Ray Data) are split into one stream per worker (``ray.train.get_dataset_shard``, equal row counts)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -129,6 +149,7 @@ def fit(recipe: type[Recipe], cfg: TrainResources, data: dict[str, Any], name: s
     trainer = TorchTrainer(
         functools.partial(_worker_main, recipe),
         train_loop_config={"config": sent.model_dump(mode="json"), "data": data},
+        datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -150,9 +171,11 @@ def finish_train_storage(cfg: TrainResources, name: str) -> None:
 class Worker:
     """One Ray Train worker of a job: rank, world size, device; checkpoints, reports, TensorBoard."""
 
-    def __init__(self, job: str, cfg: TrainResources):
-        import ray.train
-        import ray.train.torch
+    def __init__(self, job: str, cfg: TrainResources, bare: tuple[int, int] | None = None):
+        """In a Ray Train worker; ``bare=(rank, world)`` runs the same recipe in a plain ``torch.distributed``
+        process (the process group already initialised; no checkpoints: restore finds none, report keeps the
+        metrics in ``reports`` and still writes the checkpoint files, to a folder it drops): the baseline that
+        ``scripts/bench_stream.py`` measures Ray Train against."""
         import torch
 
         cfg.storage.apply()
@@ -161,10 +184,26 @@ class Worker:
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         torch.manual_seed(cfg.seed)
-        ctx = ray.train.get_context()
-        self.job, self.rank, self.world = job, ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.job, self.bare, self.reports = job, bare is not None, []
+        if bare is not None:
+            self.rank, self.world = bare
+            self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+        else:
+            import ray.train
+            import ray.train.torch
+
+            ctx = ray.train.get_context()
+            self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+            self.device = ray.train.torch.get_device()
         self.writer, self._tb_dir = None, None
+
+    def has_checkpoint(self) -> bool:
+        """Whether this run restores a reported checkpoint (a resumed run)."""
+        if self.bare:
+            return False
+        import ray.train
+
+        return ray.train.get_checkpoint() is not None
 
     def log(self, text: str) -> None:  # a progress line, once (rank 0)
         if self.rank == 0:
@@ -172,6 +211,8 @@ class Worker:
 
     def restore(self, load: Callable[[Path], None]) -> dict[str, Any] | None:
         """The state of the last reported checkpoint (``load`` reads the recipe's files), or None on a fresh start."""
+        if self.bare:
+            return None
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
@@ -202,6 +243,12 @@ class Worker:
                save: Callable[[Path], None] | None = None, every_rank: bool = False) -> None:
         """``ray.train.report``; with a checkpoint when ``save`` is given: ``save(folder)`` on rank 0 (on every
         rank with ``every_rank``, e.g. DeepSpeed shards), then rank 0 adds ``state.json`` and the TensorBoard events."""
+        if self.bare:
+            self.reports.append(metrics)
+            if save is not None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    save(Path(tmp))
+            return
         import ray.train
 
         if save is None:

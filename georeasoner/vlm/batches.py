@@ -9,6 +9,7 @@ prefetch thread.
 from __future__ import annotations
 
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
@@ -25,6 +26,27 @@ def read_rows(uri: str, split: str | None = "train") -> list[dict[str, Any]]:
     return [r for r in rows if split is None or r.get("split", "train") == split]
 
 
+def process_images(image_processor, uris: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Read, decode and process images: ``(pixel_values [P, D] fp16, grid_thw [3])`` each. A broken image raises
+    naming its URI (training sets hold checked images only)."""
+    from georeasoner.core.images import decode_image
+
+    images = []
+    for uri in uris:
+        try:
+            images.append(decode_image(storage.read_bytes(uri)))
+        except Exception as exc:
+            raise ValueError(f"training image '{uri}': {exc}") from exc
+    out = image_processor(images=images, return_tensors="np")
+    pixels, grids = out["pixel_values"], out["image_grid_thw"]
+    result, start = [], 0
+    for grid in grids:
+        n = int(np.prod(grid))
+        result.append((pixels[start:start + n].astype(np.float16), np.asarray(grid)))
+        start += n
+    return result
+
+
 class ImageCache:
     """Processed pixels of each row's image: ``(pixel_values [P, D], grid_thw [3])``."""
 
@@ -35,17 +57,7 @@ class ImageCache:
         self._store: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _process(self, uris: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        from georeasoner.core.images import decode_image
-
-        images = [decode_image(storage.read_bytes(u)) for u in uris]
-        out = self.processor.image_processor(images=images, return_tensors="np")
-        pixels, grids = out["pixel_values"], out["image_grid_thw"]
-        result, start = [], 0
-        for grid in grids:
-            n = int(np.prod(grid))
-            result.append((pixels[start:start + n].astype(np.float16), np.asarray(grid)))
-            start += n
-        return result
+        return process_images(self.processor.image_processor, uris)
 
     def get(self, uris: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         missing = [u for u in dict.fromkeys(uris) if u not in self._store]
@@ -57,10 +69,16 @@ class ImageCache:
 
 def collate(rows: list[dict[str, Any]], cache: ImageCache, tokenizer) -> dict[str, Any]:
     """One micro-batch, right-padded; labels are -100 outside the answer (+ the end-of-turn token)."""
+    images = cache.get([r["image_uri"] for r in rows])
+    return collate_images(rows, images, tokenizer, cache.processor.image_processor.merge_size ** 2)
+
+
+def collate_images(rows: list[dict[str, Any]], images: list[tuple[np.ndarray, np.ndarray]], tokenizer,
+                   merge: int) -> dict[str, Any]:
+    """:func:`collate` of rows (``prompt``, ``answer``) whose images are already processed (``(pixels, grid)``
+    each; ``merge`` = merge_size²)."""
     import torch
 
-    images = cache.get([r["image_uri"] for r in rows])
-    merge = cache.processor.image_processor.merge_size ** 2
     pad_id = tokenizer.pad_token_id
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     seqs, label_seqs = [], []
@@ -112,3 +130,128 @@ def prefetch(make, items: list, depth: int = 2) -> Iterator[Any]:
             if i + depth < len(items):
                 futures.append(pool.submit(make, items[i + depth]))
             yield result
+
+
+# -- streaming input (Ray Data) ------------------------------------------------------------------
+
+STREAM_COLUMNS = ("image_uri", "prompt", "answer")
+
+
+class _SharedTable:
+    """An Arrow table in the object store, fetched once per worker process (a plain ref in ``fn_kwargs`` would
+    be resolved into every task's arguments)."""
+
+    _cache: dict[str, Any] = {}
+
+    def __init__(self, table):
+        import ray
+
+        self.ref = ray.put(table)
+
+    def get(self):
+        import ray
+
+        key = self.ref.hex()
+        if key not in self._cache:
+            self._cache.clear()
+            self._cache[key] = ray.get(self.ref)
+        return self._cache[key]
+
+
+def plan_rows(positions: np.ndarray, n: int, global_batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row index, step) of global sample positions (``step * global_batch + offset``): the order of
+    :func:`step_indices`, so the streamed run draws the same samples per step as the cached one."""
+    steps, offsets = np.divmod(positions, global_batch)
+    rows = np.empty(len(positions), dtype=np.int64)
+    for s in np.unique(steps):
+        here = steps == s
+        rows[here] = step_indices(n, int(s), global_batch, seed)[offsets[here]]
+    return rows, steps
+
+
+class StreamProcessor:
+    """The stream's map stage (an actor: transformers is imported and the rows' table fetched once per process,
+    not once per task): a block of sample positions → rows in :func:`step_indices` order, with their images read
+    and processed."""
+
+    def __init__(self, table: _SharedTable, n: int, first: int, global_batch: int, seed: int, image_processor):
+        self.table, self.n, self.first, self.global_batch, self.seed = table.get(), n, first, global_batch, seed
+        self.image_processor = image_processor
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        rows, steps = plan_rows(self.first + batch["data"].astype(np.int64), self.n, self.global_batch, self.seed)
+        picked = self.table.take(rows)
+        images = process_images(self.image_processor, picked["image_uri"].to_pylist())
+        pixels = [p for p, _ in images]
+        same = len({p.shape for p in pixels}) == 1
+        out_pixels = np.stack(pixels) if same else np.array(pixels + [None], dtype=object)[:-1]
+        return {"pixel_values": out_pixels, "image_grid_thw": np.stack([g for _, g in images]),
+                "prompt": np.array(picked["prompt"].to_pylist(), dtype=object),
+                "answer": np.array(picked["answer"].to_pylist(), dtype=object), "step": steps,
+                "image_uri": np.array(picked["image_uri"].to_pylist(), dtype=object)}
+
+
+def stream_dataset(rows: list[dict[str, Any]], image_processor, *, start_step: int, total_steps: int,
+                   global_batch: int, seed: int, block_rows: int, cpus: float, actors: int = 1):
+    """The training samples of steps ``start_step`` … ``total_steps - 1`` as a Ray Data dataset: sample positions
+    (in-memory blocks) mapped to rows in :func:`step_indices` order, each block's images read and processed by a
+    pool of 1 … ``actors`` CPU actors (``cpus`` each). Blocks of ``block_rows`` samples keep the processed pixels in
+    flight bounded by Ray Data's backpressure, never the whole set; the rows' text lives once in the object store."""
+    import pyarrow as pa
+    import ray
+
+    table = _SharedTable(pa.table({c: [str(r[c]) for r in rows] for c in STREAM_COLUMNS}))
+    count = max(0, total_steps - start_step) * global_batch
+    blocks = max(1, math.ceil(count / block_rows))
+    # positions as in-memory blocks (8 bytes a sample): a read task would want a CPU of its own, and a 2-CPU Ray
+    # whose workers hold all but data_cpus never runs it
+    ds = ray.data.from_numpy(np.array_split(np.arange(count, dtype=np.int64), blocks))
+    ds.context.enable_progress_bars = False  # a training log shows steps, not one progress bar per block
+    ds.context.enable_operator_progress_bars = False
+    return ds.map_batches(StreamProcessor, batch_size=None, batch_format="numpy", num_cpus=cpus,
+                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
+                          fn_constructor_kwargs={"table": table, "n": len(rows), "first": start_step * global_batch,
+                                                 "global_batch": global_batch, "seed": seed,
+                                                 "image_processor": image_processor})
+
+
+class Background:
+    """An iterator drained ``depth`` items ahead by a thread that starts at once (the stream warms up while the
+    caller still builds its model); an exception in the thread is raised at the item where it happened."""
+
+    _END = object()
+
+    def __init__(self, iterator: Iterator[Any], depth: int = 2):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._fill, args=(iterator,), daemon=True)
+        self._thread.start()
+
+    def _fill(self, iterator) -> None:
+        try:
+            for item in iterator:
+                self._queue.put(item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._queue.put(exc)
+        self._queue.put(self._END)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(self._END)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+def stream_batches(shard, micro: int, tokenizer, merge: int, prefetch: int = 2) -> Iterator[dict[str, Any]]:
+    """A worker's micro-batches from its dataset shard (``ray.train.get_dataset_shard``), collated."""
+    for b in shard.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=prefetch):
+        rows = [{"prompt": p, "answer": a} for p, a in zip(b["prompt"], b["answer"])]
+        yield collate_images(rows, list(zip(b["pixel_values"], b["image_grid_thw"])), tokenizer, merge)

@@ -81,7 +81,15 @@ class FinetuneConfig(TrainResources):
     bf16: bool = Field(True, description="bf16 on GPU (CPU always trains in fp32)")
     checkpoint_every_steps: int = Field(50, ge=1, description="report a resumable checkpoint every N steps")
     max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig: restarts after a lost worker")
-    cache_pixels: bool = Field(True, description="keep processed images in worker memory (small sets)")
+    cache_pixels: bool = Field(True, description="true: processed images kept in each worker's memory (small sets); "
+                               "false: streamed (a Ray Data dataset: images read and processed by CPU actors, "
+                               "prefetched, an equal share per worker)")
+    data_cpus: float = Field(0.5, gt=0, description="streaming: CPUs each image-processing actor reserves (besides "
+                             "the workers' cpus_per_worker)")
+    data_workers: int = Field(1, ge=1, description="streaming: at most this many image-processing actors (the pool "
+                              "starts with one and grows while the workers wait)")
+    stream_block_rows: int = Field(64, ge=1, description="streaming: samples per Ray Data block (processed pixels "
+                                   "in flight stay a few blocks)")
     vision_warmup_steps: int = Field(0, ge=0, description="base task: first train the vision tower this many steps "
                                      "as a multi-label clue classifier (rows' clues), then caption")
     vision_warmup_batch: int = Field(64, ge=1, description="images per vision warmup step (over all workers)")
@@ -94,10 +102,18 @@ class FinetuneConfig(TrainResources):
     eval_before: bool = Field(True, description="measure the starting model too (before → after)")
     eval_clues: str | None = Field(None, description="clues.jsonl for the grounding figures (default: beside eval_input)")
 
-    runtime_keys = TrainResources.runtime_keys + ("max_failures", "cache_pixels", "eval_limit", "eval_before")
+    runtime_keys = TrainResources.runtime_keys + ("max_failures", "cache_pixels", "data_cpus", "data_workers",
+                                                  "stream_block_rows",
+                                                  "eval_limit", "eval_before")
 
     def set_uri(self) -> str:
         return self.input if self.input.endswith(".jsonl") else storage.join(self.input, f"{self.task}.jsonl")
+
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accumulation * self.num_workers
+
+    def total_steps(self, n_rows: int) -> int:
+        return self.max_steps or max(1, math.ceil(self.epochs * n_rows / self.global_batch()))
 
     def card_name(self) -> str:
         return self.name or f"georeasoner-vlm-{self.task}"
@@ -312,21 +328,35 @@ class Finetune(Recipe):
         import deepspeed
 
         from georeasoner.vlm import ds_config
-        from georeasoner.vlm.batches import ImageCache, collate, micro_batches, prefetch, read_rows, step_indices
-        from georeasoner.vlm.model import load_vlm
+        from georeasoner.vlm.batches import (
+            Background,
+            ImageCache,
+            collate,
+            micro_batches,
+            prefetch,
+            read_rows,
+            step_indices,
+            stream_batches,
+        )
+        from georeasoner.vlm.model import load_processor, load_vlm
 
         lora, bf16, micro, accumulation = cfg.lora.enabled, cfg.bf16 and cfg.use_gpu, cfg.micro_batch_size, cfg.grad_accumulation
+        stream = None
+        if not cfg.cache_pixels:  # this rank's share of the stream, warming up while the model and engine are built
+            processor = load_processor(self.data["model"])
+            stream = Background(stream_batches(ray.train.get_dataset_shard("train"), micro, processor.tokenizer,
+                                               processor.image_processor.merge_size ** 2))
         loaded = load_vlm(self.data["model"], dtype="bfloat16" if bf16 else None)
         model = _prepare_model(loaded.model, cfg.lora)
         model.train()
         rows = read_rows(cfg.set_uri())[: cfg.limit]
-        global_batch = micro * accumulation * w.world
-        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(rows) / global_batch))
+        global_batch = cfg.global_batch()
+        total = cfg.total_steps(len(rows))
         config = ds_config.fill(ds_config.read(cfg.deepspeed), micro_batch=micro, accumulation=accumulation,
                                 world_size=w.world, grad_clip=cfg.grad_clip, bf16=bf16)
         cache = ImageCache(loaded.processor, cache=cfg.cache_pixels)
         warm: dict = {}
-        if not lora and cfg.vision_warmup_steps and ray.train.get_checkpoint() is None:
+        if not lora and cfg.vision_warmup_steps and not w.has_checkpoint():
             warm = vision_warmup(model, rows, cache, cfg, w)
             if warm:
                 w.log(f"vision warmup done: clue precision {warm['precision']:.3f}, recall {warm['recall']:.3f} "
@@ -365,14 +395,25 @@ class Finetune(Recipe):
             report(None)
             return
         tokenizer = loaded.processor.tokenizer
-        plan = [(s, i) for s in range(step, total)
-                for i in micro_batches(step_indices(len(rows), s, global_batch, cfg.seed), micro, accumulation,
-                                       w.rank, w.world)]
-        batches = prefetch(lambda item: collate([rows[j] for j in item[1]], cache, tokenizer), plan)
+        if cfg.cache_pixels:
+            plan = [(s, i) for s in range(step, total)
+                    for i in micro_batches(step_indices(len(rows), s, global_batch, cfg.seed), micro, accumulation,
+                                           w.rank, w.world)]
+            batches = prefetch(lambda item: collate([rows[j] for j in item[1]], cache, tokenizer), plan)
+        else:  # the stream starts at the driver's step (<= the restored one)
+            batches = stream
+            skip = max(0, step - self.data["data_start"]) * accumulation
+            for _ in range(skip):
+                next(batches)
+            if skip:
+                w.log(f"skipped {skip} streamed micro-batches (the stream started at step {self.data['data_start']})")
         t0, seen, losses = time.monotonic(), 0, []
         for s in range(step, total):
             for _ in range(accumulation):
-                batch = {k: v.to(w.device) for k, v in next(batches).items()}
+                batch = next(batches, None)
+                if batch is None:
+                    raise RuntimeError(f"the training stream ended at step {s} of {total} (rank {w.rank})")
+                batch = {k: v.to(w.device) for k, v in batch.items()}
                 loss = engine(**batch).loss
                 engine.backward(loss)
                 engine.step()
@@ -435,6 +476,33 @@ def _save_init_base(cfg: FinetuneConfig, name: str) -> tuple[str, str] | None:
     return str(local), uri
 
 
+def _stream(cfg: FinetuneConfig, rows: list[dict], processor_ref: str, name: str) -> tuple[int, dict[str, Any]]:
+    """(the step the stream starts at, ``datasets`` for :func:`fit`): the samples from the earliest stored
+    checkpoint's step on (0 on a fresh start), so a resumed run reads only what it has still to train on."""
+    import ray
+
+    from georeasoner.core.training import checkpoint_states
+    from georeasoner.vlm.batches import stream_dataset
+    from georeasoner.vlm.model import load_processor
+
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    needed = cfg.num_workers * cfg.cpus_per_worker + cfg.data_cpus
+    if needed > cpus + 1e-9:
+        problem = (f"streaming (cache_pixels=false) needs {needed:g} CPUs (num_workers x cpus_per_worker + data_cpus) "
+                   f"but the Ray has {cpus:g}")
+        if not (os.environ.get("RAY_ADDRESS") or cfg.ray.address):  # a local Ray never grows: it would hang
+            raise InputError(f"input error: {problem}: lower cpus_per_worker or data_cpus, or set cache_pixels=true")
+        print(f"{JOB}: warning: {problem} now; the image tasks wait until the cluster scales up", flush=True)
+    start = min((int(s.get("step", 0)) for s in checkpoint_states(cfg, name)), default=0)
+    total = cfg.total_steps(len(rows))
+    ds = stream_dataset(rows, load_processor(processor_ref).image_processor, start_step=min(start, total),
+                        total_steps=total, global_batch=cfg.global_batch(), seed=cfg.seed,
+                        block_rows=cfg.stream_block_rows, cpus=cfg.data_cpus, actors=cfg.data_workers)
+    print(f"{JOB}: streaming {max(0, total - start) * cfg.global_batch()} samples from step {start} (blocks of "
+          f"{cfg.stream_block_rows}, up to {cfg.data_workers} image actor(s) of {cfg.data_cpus:g} CPU)", flush=True)
+    return start, {"train": ds}
+
+
 def measure(ref: str, cfg: FinetuneConfig, question: str) -> dict[str, Any]:
     """Held-out figures of a model on ``eval_input``'s ``eval_split`` (see :mod:`georeasoner.vlm.measure`): clue
     F1 of its descriptions for the base task; parse rate, country/city accuracy and grounding for the others."""
@@ -466,7 +534,12 @@ def run(cfg: FinetuneConfig) -> dict:
     init_base = init[0] if init else None
     print(f"{JOB}: {cfg.task} on {len(rows)} rows, model {cfg.model}, {cfg.deepspeed}, "
           f"{'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'all parameters'}, {cfg.num_workers} worker(s)", flush=True)
-    result = fit(Finetune, cfg, {"model": init[1] if init else cfg.model}, name)
+    start = init[1] if init else cfg.model
+    data: dict[str, Any] = {"model": start, "data_start": 0}
+    datasets = None
+    if not cfg.cache_pixels:
+        data["data_start"], datasets = _stream(cfg, rows, init_base or start, name)
+    result = fit(Finetune, cfg, data, name, datasets=datasets)
     with tempfile.TemporaryDirectory() as tmp, result.checkpoint.as_directory() as ckpt:
         folder, ckpt = Path(tmp), Path(ckpt)
         base, adapters, inherited = _lineage(cfg.model, folder, init_base)

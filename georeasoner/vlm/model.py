@@ -288,6 +288,20 @@ def load_vlm(ref: str, *, dtype: str | None = None, device: str | None = None, s
     return loaded
 
 
+def load_processor(ref: str):
+    """The processor :func:`load_vlm` would return for ``ref``, without loading any weights."""
+    from transformers import AutoProcessor
+
+    if is_tiny(ref):
+        return build_processor(tiny_family(ref))
+    if is_package(ref):
+        folder = packages.local_copy(ref)
+        card = json.loads((folder / packages.CARD).read_text())
+        return AutoProcessor.from_pretrained(str(folder / card.get("processor", "processor")), trust_remote_code=False)
+    check_reference(ref)
+    return AutoProcessor.from_pretrained(local_checkpoint(ref), trust_remote_code=False)
+
+
 def _load_package(uri: str, dtype: str | None, merge: bool) -> LoadedVLM:
     from transformers import AutoProcessor
 
