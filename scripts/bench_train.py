@@ -206,7 +206,10 @@ def train_loop(c: dict) -> None:
         engine = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
 
         def step(ids, labels, count=False):
-            loss = engine(input_ids=ids, labels=labels).loss
+            # --bf16: mixed precision as torch does it (fp32 weights, bf16 compute), the DDP counterpart of ZeRO's
+            # bf16 weights with fp32 masters
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=c["bf16"]):
+                loss = engine(input_ids=ids, labels=labels).loss
             mark("fwd")
             loss.backward()
             mark("bwd")
@@ -264,11 +267,11 @@ def run_arm(arm: str, args, out: Path, storage: Path) -> list[dict]:
          "intermediate": args.intermediate, "vocab": args.vocab, "seq_len": args.seq_len,
          "micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup, "seed": 0, "lr": 1e-5,
          "grad_clip": 1.0, "threads": args.threads, "fused_adamw": args.fused_adamw, "trace": args.trace,
-         "grad_ckpt": args.grad_ckpt}
+         "grad_ckpt": args.grad_ckpt, "bf16": args.bf16}
     if arm != "ddp":
         cfg = ds_config.read(args.zero3_config if arm == "zero3" and args.zero3_config else arm)
         c["ds_config"] = ds_config.fill(cfg, micro_batch=args.micro_batch, accumulation=1, world_size=args.workers,
-                                        grad_clip=1.0, bf16=False)
+                                        grad_clip=1.0, bf16=args.bf16)
     trainer = TorchTrainer(
         train_loop, train_loop_config=c,
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=False,
@@ -299,6 +302,9 @@ def main() -> None:
     parser.add_argument("--fused-adamw", action="store_true",
                         help="torch AdamW(fused=True) in every arm (no full-size temporaries in the step)")
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in every arm")
+    parser.add_argument("--bf16", action="store_true",
+                        help="mixed precision, as the GPU configs train: DeepSpeed bf16 (bf16 weights and gradients, "
+                             "fp32 master weights) in the ZeRO arms, torch.autocast bf16 over fp32 weights in DDP")
     parser.add_argument("--malloc", choices=("glibc", "mmap"), default="glibc",
                         help="workers' allocator: glibc as it is (default), or glibc with MALLOC_MMAP_THRESHOLD_=128 KiB, "
                              "so that freed tensors go back to the OS instead of staying resident as heap fragments")
@@ -380,7 +386,7 @@ def report(results: dict[str, list[dict]], args, total_s: float) -> None:
         extras.append("worker env " + " ".join(args.worker_env))
     print(f"\ntraining benchmark: Qwen2-VL (random init) {first['params'] / 1e6:.1f}M parameters "
           f"({first['vision_params'] / 1e6:.2f}M vision), text hidden {args.hidden} x {args.layers} layers, vocab "
-          f"{args.vocab}; fp32, full-parameter, torch AdamW{' (fused)' if args.fused_adamw else ''}; "
+          f"{args.vocab}; {'bf16 mixed precision' if args.bf16 else 'fp32'}, full-parameter, torch AdamW{' (fused)' if args.fused_adamw else ''}; "
           f"{args.workers} Ray Train workers x {args.threads} CPU (gloo), micro-batch {args.micro_batch} x "
           f"{args.seq_len} tokens, {args.warmup} warmup + {args.steps} timed steps; {os.cpu_count()} CPUs; "
           f"{'; '.join(extras)}; total {total_s:.0f}s\n")
