@@ -64,12 +64,18 @@ def rows_per_part(n: int) -> int:
 
 
 def score_job(model: str, folder: Path, out: Path, n: int, kill_after_parts: int | None = None) -> dict:
-    """Run the job as a process; sample its RSS and the CPUs while it runs."""
+    """Run the scoring job as a process; sample its RSS and the CPUs while it runs."""
+    return job_process("score_locatability", [f"model={model}"], folder, out, n, kill_after_parts)
+
+
+def job_process(job: str, overrides: list[str], folder: Path, out: Path, n: int,
+                kill_after_parts: int | None = None) -> dict:
+    """Run ``jobs/<job>.py`` with its local config on ``folder`` as a process (its own Ray, as a user runs it);
+    sample its RSS and the CPUs while it runs; SIGKILL its process group once ``kill_after_parts`` parts exist."""
     import psutil
 
-    args = [sys.executable, str(REPO / "jobs" / "score_locatability.py"), "--config",
-            "configs/score_locatability/local.yaml", f"input={folder}", f"model={model}", f"output={out}",
-            f"rows_per_part={rows_per_part(n)}"]
+    args = [sys.executable, str(REPO / "jobs" / f"{job}.py"), "--config", f"configs/{job}/local.yaml",
+            f"input={folder}", f"output={out}", f"rows_per_part={rows_per_part(n)}", *overrides]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     psutil.cpu_percent(None)
     start = time.monotonic()
@@ -93,7 +99,7 @@ def score_job(model: str, folder: Path, out: Path, n: int, kill_after_parts: int
     wall = time.monotonic() - start
     stdout = proc.stdout.read()
     if proc.returncode != 0:
-        raise SystemExit(f"score_locatability failed at {n} keys:\n{stdout[-2000:]}")
+        raise SystemExit(f"{job} failed at {n} keys:\n{stdout[-2000:]}")
     summary = json.loads((out / "_summary.json").read_text() if (out / "_summary.json").exists()
                          else (out / "summary.json").read_text())
     resume = next((line for line in stdout.splitlines() if "resuming" in line), None)

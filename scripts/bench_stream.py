@@ -8,12 +8,13 @@
 
 The model is a tiny random Qwen2-VL of the local chain's size (``--model``, default ``tiny:qwen2-vl:256x2``) with the
 stage-1 LoRA of ``configs/finetune/reasoning_local.yaml`` (r 32, lm_head trained in full), on the reasoning set of a
-world drawn here (``--images``, ``--seed``). Every arm: 2 workers, 1 torch thread each, ``--steps`` steps of 16 x 2
+world drawn here as large as the local chain's (``--images`` 3000, ``--seed``; 150 steps cover it ~2.4 times, so
+the cache processes each image once where the stream processes every sample). Every arm: 2 workers, 1 torch thread each, ``--steps`` steps of 16 x 2
 samples, one checkpoint at the end. samples/s is the recipe's own figure (rank 0's samples x ranks over the time
 from its first step to its last: model loading, DeepSpeed set-up and Ray Train's start are outside it; the cache's
 first pass and the stream's start are inside). Prints the table and the ratios stream/cache and Ray Train/bare.
 
-    python scripts/bench_stream.py [--steps 120] [--images 600] [--arms cache,stream,bare]
+    python scripts/bench_stream.py [--steps 150] [--images 3000] [--arms cache,stream,bare]
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ def bare_arm(args, sft: str, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--images", type=int, default=600, help="world images (train split ~70%%)")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps (the local stage 1: 150)")
+    parser.add_argument("--images", type=int, default=3000,
+                        help="world images (the local chain: 3000; the reasoning set is ~2/3 of them)")
     parser.add_argument("--seed", type=int, default=5, help="world seed")
     parser.add_argument("--model", default="tiny:qwen2-vl:256x2")
     parser.add_argument("--arms", default="cache,stream,bare")
