@@ -262,7 +262,9 @@ def test_stream_plan_is_the_cached_order():
 def test_stream_dataset_blocks_and_rows(sft, ray_session):
     """Blocks of at most ``block_rows`` samples (never the whole set in one), each row the planned one with the
     pixels the in-memory cache would hold."""
-    from georeasoner.vlm.batches import ImageCache, plan_rows, read_rows, stream_dataset
+    import pyarrow as pa
+
+    from georeasoner.vlm.batches import ImageCache, plan_rows, read_rows, stream_dataset, stream_images
     from georeasoner.vlm.model import build_processor
 
     rows = read_rows(str(Path(sft) / "reasoning.jsonl"))[:40]
@@ -271,16 +273,18 @@ def test_stream_dataset_blocks_and_rows(sft, ray_session):
                         block_rows=10, cpus=0.5).materialize()
     sizes = [m.num_rows for bundle in ds.iter_internal_ref_bundles() for m in bundle.metadata]
     assert sum(sizes) == 4 * 8 and max(sizes) <= 10 and len(sizes) >= 4
-    got = ds.take_all()
+    table = pa.concat_tables(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     planned, steps = plan_rows(np.arange(16, 48), len(rows), 8, 1)
-    assert sorted(int(r["step"]) for r in got) == sorted(steps.tolist())
-    assert sorted((r["image_uri"], r["answer"]) for r in got) == sorted(
-        (rows[i]["image_uri"], rows[i]["answer"]) for i in planned)
+    assert sorted(table.column("step").to_pylist()) == sorted(steps.tolist())
+    got = list(zip(table.column("image_uri").to_pylist(), table.column("answer").to_pylist()))
+    assert sorted(got) == sorted((rows[i]["image_uri"], rows[i]["answer"]) for i in planned)
     cache = ImageCache(processor)
-    for r in got[:4]:
-        pixels, grid = cache.get([r["image_uri"]])[0]
-        np.testing.assert_array_equal(np.asarray(r["pixel_values"]), pixels)
-        np.testing.assert_array_equal(np.asarray(r["image_grid_thw"]), grid)
+    images = stream_images(table)
+    assert len(images) == 32
+    for (uri, _), (pixels, grid) in list(zip(got, images))[:6]:
+        want_pixels, want_grid = cache.get([uri])[0]
+        np.testing.assert_array_equal(pixels, want_pixels)
+        np.testing.assert_array_equal(grid, want_grid)
 
 
 def test_streaming_refuses_a_local_ray_without_cpus_for_its_images(sft, tmp_path, ray_session):

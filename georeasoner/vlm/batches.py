@@ -178,17 +178,34 @@ class StreamProcessor:
         self.table, self.n, self.first, self.global_batch, self.seed = table.get(), n, first, global_batch, seed
         self.image_processor = image_processor
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import pyarrow as pa
+
         rows, steps = plan_rows(self.first + batch["data"].astype(np.int64), self.n, self.global_batch, self.seed)
         picked = self.table.take(rows)
         images = process_images(self.image_processor, picked["image_uri"].to_pylist())
-        pixels = [p for p, _ in images]
-        same = len({p.shape for p in pixels}) == 1
-        out_pixels = np.stack(pixels) if same else np.array(pixels + [None], dtype=object)[:-1]
-        return {"pixel_values": out_pixels, "image_grid_thw": np.stack([g for _, g in images]),
-                "prompt": np.array(picked["prompt"].to_pylist(), dtype=object),
-                "answer": np.array(picked["answer"].to_pylist(), dtype=object), "step": steps,
-                "image_uri": np.array(picked["image_uri"].to_pylist(), dtype=object)}
+        # the pixels as one Arrow binary column over a single buffer (no per-row objects, no tensor-extension copy)
+        flat = np.concatenate([p.reshape(-1) for p, _ in images])
+        offsets = np.concatenate([[0], np.cumsum([p.nbytes for p, _ in images])]).astype(np.int64)
+        pixels = pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(images),
+                                                  [None, pa.py_buffer(offsets), pa.py_buffer(flat)])
+        grids = pa.FixedSizeListArray.from_arrays(pa.array(np.stack([g for _, g in images]).astype(np.int64).ravel()), 3)
+        return pa.table({"pixel_values": pixels, "image_grid_thw": grids, "prompt": picked["prompt"],
+                         "answer": picked["answer"], "step": pa.array(steps), "image_uri": picked["image_uri"]})
+
+
+def stream_images(batch) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(pixels [P, D] fp16, grid [3])`` of each row of a streamed Arrow batch (views of its buffer, no copy)."""
+    col = batch.column("pixel_values").combine_chunks()
+    grids = np.asarray(batch.column("image_grid_thw").combine_chunks().flatten()).reshape(-1, 3)
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset:col.offset + len(col) + 1]
+    data = col.buffers()[2]
+    out = []
+    for i, grid in enumerate(grids):
+        start, end = int(offsets[i]), int(offsets[i + 1])
+        pixels = np.frombuffer(data, dtype=np.float16, count=(end - start) // 2, offset=start)
+        out.append((pixels.reshape(int(np.prod(grid)), -1), grid))
+    return out
 
 
 def stream_dataset(rows: list[dict[str, Any]], image_processor, *, start_step: int, total_steps: int,
@@ -252,6 +269,6 @@ class Background:
 
 def stream_batches(shard, micro: int, tokenizer, merge: int, prefetch: int = 2) -> Iterator[dict[str, Any]]:
     """A worker's micro-batches from its dataset shard (``ray.train.get_dataset_shard``), collated."""
-    for b in shard.iter_batches(batch_size=micro, batch_format="numpy", prefetch_batches=prefetch):
-        rows = [{"prompt": p, "answer": a} for p, a in zip(b["prompt"], b["answer"])]
-        yield collate_images(rows, list(zip(b["pixel_values"], b["image_grid_thw"])), tokenizer, merge)
+    for b in shard.iter_batches(batch_size=micro, batch_format="pyarrow", prefetch_batches=prefetch):
+        rows = [{"prompt": p, "answer": a} for p, a in zip(b.column("prompt").to_pylist(), b.column("answer").to_pylist())]
+        yield collate_images(rows, stream_images(b), tokenizer, merge)
