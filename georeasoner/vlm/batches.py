@@ -1,9 +1,10 @@
 """Training batches for the VLM: SFT rows → (input_ids, attention_mask, labels, pixel_values, image_grid_thw,
 mm_token_type_ids), with the loss on the answer tokens only.
 
-Images go through the model's own image processor once and are kept (fp16) when ``cache`` is on (local runs:
-the processor costs as much as a tiny model's step); otherwise each batch is processed as it comes, by a
-prefetch thread.
+Images go through the model's own image processor once and are kept (fp16) by :class:`ImageCache` (local runs:
+the processor costs as much as a tiny model's step). Sets larger than a worker's memory stream instead
+(:func:`stream_dataset`: a Ray Data dataset whose actors read and process the images in the cached run's order;
+:func:`stream_batches` collates a worker's shard).
 """
 
 from __future__ import annotations

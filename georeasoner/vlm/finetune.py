@@ -10,6 +10,8 @@ A recipe on :mod:`georeasoner.core.training`: each worker wraps the model with L
 asked) and hands AdamW and the engine's schedule to ``deepspeed.initialize`` (gloo + ``DS_ACCELERATOR=cpu`` without
 a GPU, bf16 with one). Every ``checkpoint_every_steps`` all ranks write their DeepSpeed shards (frozen weights
 excluded) and rank 0 the adapter (gathered under ZeRO-3). The output is a VLM package (:mod:`georeasoner.vlm.model`).
+The set's images are processed once and kept in each worker (``cache_pixels``) or streamed through Ray Data
+(``cache_pixels: false``: ``datasets=`` / ``get_dataset_shard``, :func:`georeasoner.vlm.batches.stream_dataset`).
 """
 
 from __future__ import annotations
@@ -313,7 +315,8 @@ def vision_warmup(model, rows: list[dict], cache, cfg: FinetuneConfig, w: Worker
 
 class Finetune(Recipe):
     """A VLM stage on :mod:`georeasoner.core.training`: the model (LoRA or full), DeepSpeed ZeRO, the set's batches.
-    ``data``: ``model`` (what the workers load: the saved tiny start or ``cfg.model``)."""
+    ``data``: ``model`` (what the workers load: the saved tiny start or ``cfg.model``) and ``data_start`` (the step
+    the streamed set starts at; ``cache_pixels: false``, the ``train`` dataset shard)."""
 
     job = JOB
     config = FinetuneConfig
@@ -492,7 +495,7 @@ def _stream(cfg: FinetuneConfig, rows: list[dict], processor_ref: str, name: str
                    f"but the Ray has {cpus:g}")
         if not (os.environ.get("RAY_ADDRESS") or cfg.ray.address):  # a local Ray never grows: it would hang
             raise InputError(f"input error: {problem}: lower cpus_per_worker or data_cpus, or set cache_pixels=true")
-        print(f"{JOB}: warning: {problem} now; the image tasks wait until the cluster scales up", flush=True)
+        print(f"{JOB}: warning: {problem} now; the image actors wait until the cluster scales up", flush=True)
     start = min((int(s.get("step", 0)) for s in checkpoint_states(cfg, name)), default=0)
     total = cfg.total_steps(len(rows))
     ds = stream_dataset(rows, load_processor(processor_ref).image_processor, start_step=min(start, total),
