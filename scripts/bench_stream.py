@@ -82,13 +82,10 @@ def _bare_main(rank: int, world: int, port: int, cfg_json: str, model: str, out:
 def bare_arm(args, sft: str, work: Path) -> dict:
     import torch.multiprocessing as mp
 
-    from georeasoner.vlm.model import load_vlm
+    from georeasoner.vlm.finetune import _save_init_base
 
     cfg = config(args, sft, work / "bare", cache=True)
-    start = work / "bare-init"  # the same saved tiny start the job would load (finetune._save_init_base)
-    loaded = load_vlm(cfg.model, seed=cfg.seed)
-    loaded.model.save_pretrained(str(start), safe_serialization=True)
-    loaded.processor.save_pretrained(str(start))
+    start, _ = _save_init_base(cfg, "bare")  # the saved tiny start the job's workers load
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

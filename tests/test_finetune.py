@@ -290,6 +290,9 @@ def test_stream_dataset_blocks_and_rows(sft, ray_session):
 def test_streaming_refuses_a_local_ray_without_cpus_for_its_images(sft, tmp_path, ray_session):
     from georeasoner.vlm.finetune import run
 
-    cfg = config(sft, tmp_path / "s", "reasoning", "tiny:qwen2-vl", "zero2", cpus_per_worker=1.0, cache_pixels=False)
-    with pytest.raises(InputError, match=r"needs 2.5 CPUs .* the Ray has 2"):
+    cfg = config(sft, tmp_path / "s", "reasoning", "tiny:qwen2-vl", "zero2", cpus_per_worker=1.0, cache_pixels=False,
+                 ray={"num_cpus": 2})
+    with pytest.raises(InputError, match=r"needs 2.5 CPUs .* the Ray has 2"):  # before any work, from the config
+        cfg.check_inputs()
+    with pytest.raises(InputError, match=r"needs 2.5 CPUs .* the Ray has 2"):  # the Ray already running here
         run(cfg)

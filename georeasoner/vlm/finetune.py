@@ -117,6 +117,17 @@ class FinetuneConfig(TrainResources):
     def total_steps(self, n_rows: int) -> int:
         return self.max_steps or max(1, math.ceil(self.epochs * n_rows / self.global_batch()))
 
+    def on_cluster(self) -> bool:
+        return bool(os.environ.get("RAY_ADDRESS") or self.ray.address)
+
+    def stream_cpus_problem(self, cpus: float) -> str | None:
+        """Why a stream cannot be scheduled on a Ray of ``cpus`` CPUs (the workers' and one image actor's), or None."""
+        needed = self.num_workers * self.cpus_per_worker + self.data_cpus
+        if needed <= cpus + 1e-9:
+            return None
+        return (f"streaming (cache_pixels=false) needs {needed:g} CPUs (num_workers x cpus_per_worker + data_cpus) "
+                f"but the Ray has {cpus:g}: lower cpus_per_worker or data_cpus, or set cache_pixels=true")
+
     def card_name(self) -> str:
         return self.name or f"georeasoner-vlm-{self.task}"
 
@@ -142,6 +153,10 @@ class FinetuneConfig(TrainResources):
             raise InputError(f"input error: eval_input '{self.eval_input}' does not exist")
         if self.lora.enabled:
             check_lora_targets(self.model, self.lora)
+        if not self.cache_pixels and not self.on_cluster():  # the local Ray this job starts: its CPUs are known now
+            problem = self.stream_cpus_problem(float(self.ray.num_cpus or os.cpu_count() or 1))
+            if problem:
+                raise InputError(f"input error: {problem}")
         from georeasoner.vlm.batches import read_rows
 
         if not read_rows(self.set_uri()):
@@ -488,14 +503,14 @@ def _stream(cfg: FinetuneConfig, rows: list[dict], processor_ref: str, name: str
     from georeasoner.vlm.batches import stream_dataset
     from georeasoner.vlm.model import load_processor
 
-    cpus = float(ray.cluster_resources().get("CPU", 0))
-    needed = cfg.num_workers * cfg.cpus_per_worker + cfg.data_cpus
-    if needed > cpus + 1e-9:
-        problem = (f"streaming (cache_pixels=false) needs {needed:g} CPUs (num_workers x cpus_per_worker + data_cpus) "
-                   f"but the Ray has {cpus:g}")
-        if not (os.environ.get("RAY_ADDRESS") or cfg.ray.address):  # a local Ray never grows: it would hang
-            raise InputError(f"input error: {problem}: lower cpus_per_worker or data_cpus, or set cache_pixels=true")
-        print(f"{JOB}: warning: {problem} now; the image actors wait until the cluster scales up", flush=True)
+    # check_inputs refused a local Ray it would start too small; here the Ray is up (a cluster, or one already
+    # running in this process): a local one never grows and would hang, a cluster may still scale up
+    problem = cfg.stream_cpus_problem(float(ray.cluster_resources().get("CPU", 0)))
+    if problem and not cfg.on_cluster():
+        raise InputError(f"input error: {problem}")
+    if problem:
+        print(f"{JOB}: warning: {problem.split(':')[0]} now; the image actors wait until the cluster scales up",
+              flush=True)
     start = min((int(s.get("step", 0)) for s in checkpoint_states(cfg, name)), default=0)
     total = cfg.total_steps(len(rows))
     ds = stream_dataset(rows, load_processor(processor_ref).image_processor, start_step=min(start, total),
