@@ -53,7 +53,7 @@ def main() -> None:
 
     from georeasoner.vlm import model as vm
     from georeasoner.vlm.batches import ImageCache, collate, read_rows
-    from georeasoner.vlm.finetune import vision_tower
+    from georeasoner.vlm.model import vision_tower
     from georeasoner.vlm.measure import accuracy, labelled_rows
     from georeasoner.vlm.prompts import BASE_PROMPT
 

@@ -98,11 +98,16 @@ class FinetuneConfig(TrainResources):
     vision_warmup_lr: float = Field(3e-3, gt=0, description="peak learning rate of the vision warmup")
     vision_lr_scale: float = Field(1.0, ge=0, description="base task: the vision tower's learning rate as a share of "
                                    "lr while captioning (0 keeps the warmed-up tower frozen)")
+    clue_head: bool = Field(False, description="base task: after training, fit a clue head on the frozen vision tower "
+                            "(rows' clues; georeasoner.vlm.perception) that audits the reasons at inference; "
+                            "later LoRA stages with a frozen tower carry it")
+    clue_head_steps: int = Field(300, ge=1, description="full-batch AdamW steps of the clue head fit")
     eval_input: str | None = Field(None, description="manifest (or folder) to measure country accuracy before/after")
     eval_split: str = Field("test", description="split of eval_input to measure on")
     eval_limit: int = Field(300, ge=1, description="images measured")
     eval_before: bool = Field(True, description="measure the starting model too (before → after)")
-    eval_clues: str | None = Field(None, description="clues.jsonl for the grounding figures (default: beside eval_input)")
+    eval_clues: str | None = Field(None, description="clues.jsonl for the grounding figures and the clue head's "
+                                   "observation sentences (default: beside eval_input)")
 
     runtime_keys = TrainResources.runtime_keys + ("max_failures", "cache_pixels", "data_cpus", "data_workers",
                                                   "stream_block_rows",
@@ -128,6 +133,13 @@ class FinetuneConfig(TrainResources):
         return (f"streaming (cache_pixels=false) needs {needed:g} CPUs (num_workers x cpus_per_worker + data_cpus) "
                 f"but the Ray has {cpus:g}: lower cpus_per_worker or data_cpus, or set cache_pixels=true")
 
+    def clues_file(self) -> str | None:
+        from georeasoner.vlm.measure import clues_beside
+
+        if self.eval_clues:
+            return self.eval_clues if self.eval_clues.endswith(".jsonl") else storage.join(self.eval_clues, "clues.jsonl")
+        return clues_beside(self.eval_input) if self.eval_input else None
+
     def card_name(self) -> str:
         return self.name or f"georeasoner-vlm-{self.task}"
 
@@ -147,6 +159,12 @@ class FinetuneConfig(TrainResources):
         if self.vision_warmup_steps and self.lora.enabled:
             raise InputError("input error: vision_warmup_steps trains the vision tower in full: only with "
                              "lora.enabled=false (the base task)")
+        if self.clue_head and self.lora.enabled:
+            raise InputError("input error: clue_head is fitted on the tower a full-parameter stage trained (the base "
+                             "task): a LoRA stage with a frozen tower carries its start package's head")
+        if self.clue_head and not (self.clues_file() and storage.is_file(self.clues_file())):
+            raise InputError(f"input error: clue_head needs a clues.jsonl (eval_clues, or beside eval_input): "
+                             f"'{self.clues_file()}' does not exist")
         if self.task != "base" and not self.lora.enabled:
             raise InputError(f"input error: task '{self.task}' trains a LoRA adapter: set lora.enabled=true")
         if self.eval_input and manifest_uri(self.eval_input) is None:
@@ -250,15 +268,6 @@ def save_trained(engine, model, folder: Path, lora: bool, rank: int) -> None:
 
 # -- vision warmup (base task) ----------------------------------------------------------------
 
-def vision_tower(model):
-    """The vision tower of a Qwen2-VL / Qwen2.5-VL model (``model.visual`` or ``model.model.visual``)."""
-    inner = getattr(model, "model", model)
-    tower = getattr(inner, "visual", None) or getattr(model, "visual", None)
-    if tower is None:
-        raise ValueError("the model has no vision tower ('visual')")
-    return tower
-
-
 def vision_warmup(model, rows: list[dict], cache, cfg: FinetuneConfig, w: Worker) -> dict[str, float]:
     """Train the vision tower as a multi-label clue classifier before the captioning steps: a linear head on its
     merged image tokens, flattened (dropped afterwards), binary cross-entropy against each row's ``clues``. The dense signal
@@ -270,6 +279,7 @@ def vision_warmup(model, rows: list[dict], cache, cfg: FinetuneConfig, w: Worker
     import torch.distributed as dist
 
     from georeasoner.vlm.batches import micro_batches, step_indices
+    from georeasoner.vlm.model import vision_tower
 
     labelled = [r for r in rows if isinstance(r.get("clues"), list)]
     vocab = sorted({clue for r in labelled for clue in r["clues"]})
@@ -356,7 +366,7 @@ class Finetune(Recipe):
             step_indices,
             stream_batches,
         )
-        from georeasoner.vlm.model import load_processor, load_vlm
+        from georeasoner.vlm.model import load_processor, load_vlm, vision_tower
 
         lora, bf16, micro, accumulation = cfg.lora.enabled, cfg.bf16 and cfg.use_gpu, cfg.micro_batch_size, cfg.grad_accumulation
         stream = None
@@ -569,6 +579,7 @@ def run(cfg: FinetuneConfig) -> dict:
             shutil.copytree(ckpt / "model", folder / "base")
             base = {"ref": None, "path": "base", "origin": cfg.model}
         _copy_processor(cfg.model, init_base, folder)
+        head = _clue_head(cfg, rows, folder)
         if (ckpt / "tensorboard").is_dir():
             shutil.copytree(ckpt / "tensorboard", folder / "tensorboard")
         data = inherited + training_data(rows, set_uri, task=cfg.task)
@@ -576,7 +587,7 @@ def run(cfg: FinetuneConfig) -> dict:
                  "lora": cfg.lora.model_dump() if cfg.lora.enabled else None, "workers": cfg.num_workers}
         card = write_package(folder, cfg.output, name=cfg.card_name(), family=_family(cfg.model), base=base,
                              adapters=adapters, stages=_stages(cfg.model) + [stage], training_data=data,
-                             extra={"inference_prompt": question})
+                             extra={"inference_prompt": question, **({"clue_head": head} if head else {})})
     after = measure(cfg.output, cfg, question) if cfg.eval_input else {}
     if before or after:
         from georeasoner.vlm.measure import summary_line
@@ -596,6 +607,33 @@ def run(cfg: FinetuneConfig) -> dict:
                  "vision_warmup": result.metrics.get("vision_warmup") or None,
                  "before": before, "after": after},
         model=card["version"], adapters=[a["name"] for a in adapters], commercial_use=card["commercial_use"])
+
+
+def _clue_head(cfg: FinetuneConfig, rows: list[dict], folder: Path) -> dict[str, Any] | None:
+    """The package's clue head (:mod:`georeasoner.vlm.perception`): fitted on the trained full weights in
+    ``folder/base`` (``clue_head: true``), or carried from the start package when this stage keeps its tower
+    frozen; the card entry, or None."""
+    from georeasoner.vlm import model as vlm
+    from georeasoner.vlm import perception
+
+    if cfg.clue_head:
+        from transformers import AutoProcessor
+
+        model, _ = vlm._from_pretrained(str(folder / "base"), None, with_processor=False)
+        processor = AutoProcessor.from_pretrained(str(folder / "processor"), trust_remote_code=False)
+        model.eval()
+        head = perception.fit_on_rows(model, processor, rows, cfg.clues_file(), seed=cfg.seed,
+                                      steps=cfg.clue_head_steps, log=lambda m: print(f"{JOB}: {m}", flush=True))
+        return head.save(folder)
+    if not vlm.is_package(cfg.model) or not packages.read_card(cfg.model).get("clue_head"):
+        return None
+    if not (cfg.lora.enabled and cfg.lora.freeze_vision):
+        print(f"{JOB}: the start package's clue head is left out: this stage trains the vision tower", flush=True)
+        return None
+    src = packages.local_copy(cfg.model)
+    entry = packages.read_card(cfg.model)["clue_head"]
+    shutil.copytree(src / entry["path"], folder / entry["path"])
+    return entry
 
 
 def _copy_processor(ref: str, init_base: str | None, folder: Path) -> None:

@@ -8,7 +8,9 @@ The model answers ``question`` on each image by greedy generation (as batch geol
 - ``country_accuracy`` / ``city_accuracy`` with their chance levels (the split's countries / cities);
 - grounding (:mod:`georeasoner.metrics.grounding`) when the manifest has ``clues`` and a clues file is known:
   ``grounding_precision``, ``grounding_recall``, ``consistency``; for the base task (descriptions, no country)
-  the same matcher gives ``clue_precision``, ``clue_recall`` and ``clue_f1`` of what the model says it sees.
+  the same matcher gives ``clue_precision``, ``clue_recall`` and ``clue_f1`` of what the model says it sees;
+- with a clue head in the package (:mod:`georeasoner.vlm.perception`): ``head_precision`` / ``head_recall`` /
+  ``head_f1`` of the clues it sees at its threshold, and ``audited_rate``: answers that had a sentence dropped.
 """
 
 from __future__ import annotations
@@ -58,15 +60,29 @@ def accuracy(ref: str, manifest: str, question: str, *, split: str = "test", lim
     if not rows:
         return {}
     geo = Geolocator(load_vlm(ref, seed=seed), max_new_tokens=max_new_tokens, question=question)
+    head = geo.loaded.clue_head
     answers: list[dict] = []
+    seen: list[list[str]] = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        answers += geo.answer([decode_image(storage.read_bytes(r["image_uri"])) for r in chunk])
+        images = [decode_image(storage.read_bytes(r["image_uri"])) for r in chunk]
+        answers += geo.answer(images)
+        if head is not None:
+            px = geo.loaded.processor.image_processor(images=images, return_tensors="pt")
+            seen += [head.seen(p) for p in head.probabilities(geo.loaded.model, px["pixel_values"], px["image_grid_thw"])]
     n = len(rows)
     out: dict[str, Any] = {"images": n}
     clues_uri = clues or clues_beside(manifest)
     catalogue = ClueCatalogue.read(clues_uri) if clues_uri and "clues" in rows[0] else None
     present = [r.get("clues") if isinstance(r.get("clues"), list) else None for r in rows]
+    if head is not None and any(p is not None for p in present):  # what the clue head sees, against the truth
+        pairs = [(set(s), set(p)) for s, p in zip(seen, present) if p is not None]
+        tp = sum(len(s & p) for s, p in pairs)
+        hp, hr = tp / max(1, sum(len(s) for s, _ in pairs)), tp / max(1, sum(len(p) for _, p in pairs))
+        out.update(head_precision=round(hp, 4), head_recall=round(hr, 4),
+                   head_f1=round(2 * hp * hr / (hp + hr), 4) if hp + hr else 0.0)
+    if head is not None and task != "base":
+        out["audited_rate"] = round(float(np.mean([bool(a.get("audit")) for a in answers])), 4)
     if task == "base":
         texts = [a["raw_text"] for a in answers]
         if catalogue is not None:
@@ -97,6 +113,8 @@ def summary_line(figures: dict[str, Any]) -> str:
         return "-"
     names = [("country_accuracy", "country"), ("city_accuracy", "city"), ("parse_rate", "parsed"),
              ("reasons_rate", "with reasons"), ("grounding_precision", "grounding P"), ("grounding_recall", "R"),
-             ("consistency", "consistency"), ("clue_f1", "clue F1"), ("clue_precision", "P"), ("clue_recall", "R")]
+             ("consistency", "consistency"), ("clue_f1", "clue F1"), ("clue_precision", "P"), ("clue_recall", "R"),
+             ("head_f1", "clue head F1"), ("head_precision", "P"), ("head_recall", "R"),
+             ("audited_rate", "audited")]
     parts = [f"{label} {figures[k]:.3f}" for k, label in names if isinstance(figures.get(k), (int, float))]
     return ", ".join(parts) or "-"

@@ -51,6 +51,7 @@ class LoadedVLM:
     # full weights} | {"tiny": ref, "seed": n} (random weights: saved into the new package)
     base: dict[str, Any] = field(default_factory=dict)
     adapters: list[dict[str, Any]] = field(default_factory=list)  # [{"name", "dir"}] already merged in the model
+    clue_head: Any = None  # the package's clue head (georeasoner.vlm.perception.ClueHead), when it has one
 
     @property
     def tokenizer(self):
@@ -323,8 +324,16 @@ def _load_package(uri: str, dtype: str | None, merge: bool) -> LoadedVLM:
         lineage = {"ref": base["ref"]}
     else:
         lineage = {"ref": storage.absolute(uri)}  # a full-weights package (the base stage): referenced
+    head = None
+    if card.get("clue_head"):
+        from georeasoner.vlm.perception import ClueHead
+
+        head = ClueHead.load(folder)
+        if head is None:
+            raise ValueError(f"VLM package '{uri}': its card names a clue head but '{card['clue_head'].get('path')}/' "
+                             "is incomplete")
     return LoadedVLM(model, processor, card.get("family") or family_of(model.config), card["version"], card,
-                     base=lineage, adapters=adapters)
+                     base=lineage, adapters=adapters, clue_head=head)
 
 
 def apply_adapters(model, adapters: list[dict[str, Any]], merge_last: bool = True, trainable_last: bool = False):
@@ -336,6 +345,15 @@ def apply_adapters(model, adapters: list[dict[str, Any]], merge_last: bool = Tru
         peft_model = PeftModel.from_pretrained(model, adapter["dir"], is_trainable=last and trainable_last)
         model = peft_model if (last and not merge_last) else peft_model.merge_and_unload()
     return model
+
+
+def vision_tower(model):
+    """The vision tower of a Qwen2-VL / Qwen2.5-VL model (``model.visual`` or ``model.model.visual``)."""
+    inner = getattr(model, "model", model)
+    tower = getattr(inner, "visual", None) or getattr(model, "visual", None)
+    if tower is None:
+        raise ValueError("the model has no vision tower ('visual')")
+    return tower
 
 
 # -- packages -----------------------------------------------------------------------------------

@@ -9,38 +9,42 @@ Used alike by the batch job, Ray Serve and evaluation.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 from typing import Any
 
 from georeasoner.vlm import prompts
-from georeasoner.vlm.answers import parse_answer
+from georeasoner.vlm.answers import is_structured, parse_answer
 
 _COUNTRY_VALUE = re.compile(r"""["']?country["']?\s*[:=]\s*["']?([^"',}\n]+)""", re.I)
 
 
-def chat_texts(questions: list[str]) -> list[str]:
-    return [prompts.chat_prompt(q) for q in questions]
+def chat_texts(questions: list[str], prefixes: list[str] | None = None) -> list[str]:
+    """The chat prompts; ``prefixes``: the start of each answer, already written (the model continues it)."""
+    return [prompts.chat_prompt(q) + (prefixes[i] if prefixes else "") for i, q in enumerate(questions)]
 
 
-def model_inputs(processor, images: list, questions: list[str], padding_side: str = "left"):
+def model_inputs(processor, images: list, questions: list[str], padding_side: str = "left",
+                 prefixes: list[str] | None = None):
     """Processor outputs for a batch (left padding for generation)."""
     tokenizer = processor.tokenizer
     old = tokenizer.padding_side
     tokenizer.padding_side = padding_side
     try:
-        return processor(text=chat_texts(questions), images=images, return_tensors="pt", padding=True)
+        return processor(text=chat_texts(questions, prefixes), images=images, return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = old
 
 
-def _value_tokens(tokenizer, token_ids: list[int], text: str) -> list[int]:
-    """Positions of the generated tokens that overlap the country value in ``text`` (empty: no country field)."""
+def _value_tokens(tokenizer, token_ids: list[int], text: str, offset: int = 0) -> list[int]:
+    """Positions of the generated tokens that overlap the country value in ``text`` (empty: no country field);
+    the generated tokens spell ``text[offset:]`` (``text[:offset]``: an answer start the model continued)."""
     match = _COUNTRY_VALUE.search(text)
     if not match:
         return []
     start, end = match.span(1)
-    pos, hits = 0, []
+    pos, hits = offset, []
     for t, tid in enumerate(token_ids):
         piece = tokenizer.decode([tid], skip_special_tokens=True)
         lo, hi = pos, pos + len(piece)
@@ -71,6 +75,14 @@ def _country_first_tokens(tokenizer) -> tuple[tuple[str, ...], tuple[int, ...]]:
     return tuple(codes), tuple(ids)
 
 
+CONTINUE_TOKENS = 32  # country and city after audited reasons
+
+
+def answer_lead(reasons: str) -> str:
+    """The start of a JSON answer up to the country value, after ``reasons`` (the model continues from here)."""
+    return '{"reasons": ' + json.dumps(reasons, ensure_ascii=False) + ', "country": "'
+
+
 class Geolocator:
     """Answers images with a loaded VLM (:func:`georeasoner.vlm.model.load_vlm`)."""
 
@@ -98,24 +110,53 @@ class Geolocator:
         """One answer dict per image: answer fields (docs/conventions.md › Answers) + ``raw_text``; with
         ``country_logprobs``, also ``country_logprobs``: ISO2 -> the model's log-probability of that country's
         name where it wrote the country value (renormalised over the known countries; None when the answer has
-        no country field), the VLM's side of retrieval fusion (:mod:`georeasoner.retrieval.fusion`)."""
-        import torch
+        no country field), the VLM's side of retrieval fusion (:mod:`georeasoner.retrieval.fusion`).
 
+        A package with a clue head (:mod:`georeasoner.vlm.perception`) audits each answer's reasons: sentences
+        citing a clue the head does not see are dropped and the model writes the country and city again after
+        the kept reasons (the answer's ``audit`` lists the dropped clue ids; absent without a head)."""
         if not images:
             return []
         model, processor = self.loaded.model, self.loaded.processor
-        tokenizer = processor.tokenizer
         questions = questions or [self.question] * len(images)
-        batch = model_inputs(processor, images, questions)
         device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in model_inputs(processor, images, questions).items()}
+        head = getattr(self.loaded, "clue_head", None)
+        seen = head.probabilities(model, batch["pixel_values"], batch["image_grid_thw"]) if head is not None else None
+        answers = [self._finish(g, "", country_logprobs) for g in self._generate(batch, self.max_new_tokens)]
+        if seen is None:
+            return answers
+        redo = []
+        for row, a in enumerate(answers):
+            if not is_structured(a["raw_text"]):  # a description (the base task's question) is not audited
+                a["audit"] = []
+                continue
+            kept, dropped = head.audit(a["reasons"], seen[row])
+            a["audit"] = dropped
+            if dropped:
+                redo.append((row, answer_lead(kept or prompts.NO_CLUES), dropped))
+        if redo:
+            leads = [lead for _, lead, _ in redo]
+            again = model_inputs(processor, [images[r] for r, _, _ in redo], [questions[r] for r, _, _ in redo],
+                                 prefixes=leads)
+            again = {k: v.to(device) for k, v in again.items()}
+            for (row, lead, dropped), g in zip(redo, self._generate(again, CONTINUE_TOKENS)):
+                answers[row] = self._finish(g, lead, country_logprobs) | {"audit": dropped}
+        return answers
+
+    def _generate(self, batch: dict, max_new_tokens: int) -> list[tuple[list[int], list[float], Any]]:
+        """Greedy generation: per row (token ids up to the end of the answer, their probabilities, the row's
+        [T, vocab] log-probabilities)."""
+        import torch
+
+        model, tokenizer = self.loaded.model, self.loaded.processor.tokenizer
         with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  output_scores=True, return_dict_in_generate=True)
         new = out.sequences[:, batch["input_ids"].shape[1]:]
         steps = torch.stack([s.float().log_softmax(-1) for s in out.scores], 1) if out.scores else None
         stop = {tokenizer.convert_tokens_to_ids(prompts.ANSWER_END), tokenizer.pad_token_id}
-        answers = []
+        rows = []
         for row in range(new.shape[0]):
             ids, probs = [], []
             for t, tid in enumerate(new[row].tolist()):
@@ -123,23 +164,29 @@ class Geolocator:
                     break
                 ids.append(tid)
                 probs.append(math.exp(float(steps[row, t, tid])) if steps is not None else 0.0)
-            raw = tokenizer.decode(ids, skip_special_tokens=True)
-            answer = parse_answer(raw)
-            hits = _value_tokens(tokenizer, ids, raw) if answer["country"] or country_logprobs else []
-            conf = math.prod(probs[t] for t in hits) if hits and answer["country"] else None
-            if conf is None:
-                conf = math.exp(sum(math.log(max(p, 1e-12)) for p in probs) / len(probs)) if probs else 0.0
-                conf = conf if answer["country"] else 0.0
-            answer["confidence"] = float(min(1.0, max(0.0, conf)))
-            answer["raw_text"] = raw
-            if country_logprobs:
-                answer["country_logprobs"] = None
-                if hits and steps is not None:
-                    codes, first = _country_first_tokens(tokenizer)
-                    lp = steps[row, hits[0], list(first)].log_softmax(-1).tolist()
-                    answer["country_logprobs"] = dict(zip(codes, lp))
-            answers.append(answer)
-        return answers
+            rows.append((ids, probs, steps[row] if steps is not None else None))
+        return rows
+
+    def _finish(self, generated, lead: str, country_logprobs: bool) -> dict[str, Any]:
+        """The answer dict of one generation that continued ``lead`` (the answer start given to the model)."""
+        ids, probs, steps = generated
+        tokenizer = self.loaded.processor.tokenizer
+        raw = lead + tokenizer.decode(ids, skip_special_tokens=True)
+        answer = parse_answer(raw)
+        hits = _value_tokens(tokenizer, ids, raw, len(lead)) if answer["country"] or country_logprobs else []
+        conf = math.prod(probs[t] for t in hits) if hits and answer["country"] else None
+        if conf is None:
+            conf = math.exp(sum(math.log(max(p, 1e-12)) for p in probs) / len(probs)) if probs else 0.0
+            conf = conf if answer["country"] else 0.0
+        answer["confidence"] = float(min(1.0, max(0.0, conf)))
+        answer["raw_text"] = raw
+        if country_logprobs:
+            answer["country_logprobs"] = None
+            if hits and steps is not None:
+                codes, first = _country_first_tokens(tokenizer)
+                lp = steps[hits[0], list(first)].log_softmax(-1).tolist()
+                answer["country_logprobs"] = dict(zip(codes, lp))
+        return answer
 
     def country_scores(self, images: list, candidates: list[str], question: str = prompts.LOCATION_PROMPT):
         """[N, C] log-probabilities of each candidate country name as the first token of the country value

@@ -1,0 +1,255 @@
+"""The clue head: a multi-label clue classifier on the VLM's own vision tower, kept in the package, that audits the
+reasons the language model writes.
+
+Why: the language side of a small VLM reads less of the image than its tower holds (README › Reasons: a linear
+readout of the tower's image tokens finds the clues at F1 ≈ 0.75, the descriptions at ≈ 0.5), and about half of
+the clues its reasons cite are not in the image. The head is a linear map of the tower's merged image tokens
+(flattened) to one logit per clue, fitted on rows that carry ``clues`` with the tower frozen
+(:func:`fit_clue_head`). At inference (:class:`georeasoner.vlm.predict.Geolocator`) every sentence of the generated
+reasons is matched to a clue (the grounding matcher over the clues' observation sentences, docs/metrics.md ›
+Grounding); a sentence whose clue the head scores below its threshold is dropped, and the model writes the country
+and city again after the audited reasons (the answer stays conditioned on what it says it sees). The language model
+writes every word of the reasons; the head only removes sentences. Sentences that cite no known clue are kept.
+
+Package layout (``docs/schemas.md`` › VLM package): ``perception/clue_head.safetensors`` (``weight`` [V, F],
+``bias`` [V], ``mean``/``scale`` [F]: the feature standardisation) and ``perception/clue_head.json``
+(``clues``: the V clue ids in logit order, ``texts``: their observation sentences, ``threshold``, ``features``,
+``holdout``: precision/recall of the head on held-out training rows). A LoRA stage with a frozen tower carries the
+head of its start package forward; a stage that trains the tower drops it (or fits a new one).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HEAD_DIR = "perception"
+WEIGHTS = "clue_head.safetensors"
+META = "clue_head.json"
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.3, 0.91, 0.05))
+
+
+def image_features(model, pixel_values, grid_thw):
+    """[N, tokens·width] float32: the vision tower's merged image tokens of each image, flattened (all images of
+    the batch must have the same grid, as the tiny models' fixed-size processor gives)."""
+    import torch
+
+    from georeasoner.vlm.model import vision_tower
+
+    tower = vision_tower(model)
+    n = int(grid_thw.shape[0])
+    dtype = next(tower.parameters()).dtype
+    with torch.no_grad():
+        out = tower(pixel_values.to(dtype), grid_thw=grid_thw).pooler_output
+    return out.float().reshape(n, -1)
+
+
+def _split_sentences(text: str) -> list[str]:
+    from georeasoner.metrics.grounding import _SENTENCES
+
+    return [s for s in _SENTENCES.findall(text or "") if s.strip()]
+
+
+@dataclass
+class ClueHead:
+    """A fitted clue head (see the module doc)."""
+
+    weight: Any  # torch [V, F]
+    bias: Any  # torch [V]
+    mean: Any  # torch [F]
+    scale: Any  # torch [F]
+    clues: list[str]
+    texts: list[str]
+    threshold: float
+    meta: dict[str, Any]
+
+    def __post_init__(self):
+        from georeasoner.metrics.grounding import ClueCatalogue
+
+        self.index = {c: i for i, c in enumerate(self.clues)}
+        self.catalogue = ClueCatalogue.from_records([{"clue": c, "text": t} for c, t in zip(self.clues, self.texts)])
+
+    # -- inference ----------------------------------------------------------------------------
+    def probabilities_of(self, features) -> np.ndarray:
+        """[N, V] clue probabilities from :func:`image_features`."""
+        import torch
+
+        x = (features.float() - self.mean) / self.scale
+        return torch.sigmoid(x @ self.weight.T + self.bias).cpu().numpy()
+
+    def probabilities(self, model, pixel_values, grid_thw) -> np.ndarray:
+        device = next(model.parameters()).device
+        feats = image_features(model, pixel_values.to(device), grid_thw.to(device)).cpu()
+        return self.probabilities_of(feats)
+
+    def seen(self, probs: np.ndarray) -> list[str]:
+        """The clues one image's probabilities put at or above the threshold."""
+        return [c for c, p in zip(self.clues, probs) if p >= self.threshold]
+
+    def audit(self, reasons: str, probs: np.ndarray) -> tuple[str, list[str]]:
+        """(``reasons`` without the sentences whose clue the head does not see, the dropped clue ids). The kept
+        sentences are the model's own, in order; when every sentence is dropped the text is empty."""
+        kept, dropped = [], []
+        for sentence in _split_sentences(reasons):
+            clue = self.catalogue.match_sentence(sentence)
+            if clue is not None and clue in self.index and probs[self.index[clue]] < self.threshold:
+                dropped.append(clue)
+                continue
+            kept.append(sentence.strip())
+        if not dropped:
+            return reasons, []
+        return " ".join(s if s.endswith((".", "!", "?")) else s + "." for s in kept), dropped
+
+    # -- storage ------------------------------------------------------------------------------
+    def save(self, folder: Path) -> dict[str, Any]:
+        """Write ``folder/perception/``; returns the card entry."""
+        from safetensors.torch import save_file
+
+        out = Path(folder) / HEAD_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous(), "mean": self.mean.contiguous(),
+                   "scale": self.scale.contiguous()}, str(out / WEIGHTS))
+        meta = {**self.meta, "clues": self.clues, "texts": self.texts, "threshold": self.threshold}
+        (out / META).write_text(json.dumps(meta, indent=1))
+        return {"path": HEAD_DIR, "clues": len(self.clues), "threshold": self.threshold,
+                "holdout": self.meta.get("holdout")}
+
+    @classmethod
+    def load(cls, folder: Path) -> "ClueHead | None":
+        """The head saved under ``folder/perception``, or None."""
+        from safetensors.torch import load_file
+
+        path = Path(folder) / HEAD_DIR
+        if not (path / WEIGHTS).is_file() or not (path / META).is_file():
+            return None
+        t = load_file(str(path / WEIGHTS))
+        meta = json.loads((path / META).read_text())
+        clues, texts, threshold = meta.pop("clues"), meta.pop("texts"), float(meta.pop("threshold"))
+        if t["weight"].shape[0] != len(clues):
+            raise ValueError(f"clue head in '{path}': {t['weight'].shape[0]} logits for {len(clues)} clues")
+        return cls(t["weight"].float(), t["bias"].float(), t["mean"].float(), t["scale"].float(), clues, texts,
+                   threshold, meta)
+
+
+def _scores(probs: np.ndarray, truth: np.ndarray, threshold: float) -> dict[str, float]:
+    guess = probs >= threshold
+    tp = float((guess & truth).sum())
+    p = tp / max(1.0, float(guess.sum()))
+    r = tp / max(1.0, float(truth.sum()))
+    return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0}
+
+
+def _train_linear(x, y, *, steps: int, lr: float, weight_decay: float, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], y.shape[1])
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return head
+
+
+def fit_clue_head(features, labels: list[list[str]], texts: dict[str, str], *, seed: int = 0, steps: int = 300,
+                  lr: float = 1e-3, weight_decay: float = 0.05, holdout: float = 0.15,
+                  beta: float = 0.5) -> ClueHead:
+    """Fit the head on ``features`` [N, F] (torch, :func:`image_features`) and each row's clue ids. A seeded
+    ``holdout`` share of the rows picks the threshold (the best F-beta, ``beta`` < 1 weighs precision: a reason
+    the head lets through should be there) and reports the head's precision/recall; the head is then fitted again
+    on every row. ``texts``: clue id → observation sentence (clues without one are left out)."""
+    import torch
+
+    vocab = sorted({c for row in labels for c in row if c in texts})
+    if not vocab:
+        raise ValueError("no row carries a clue with an observation sentence: nothing to fit a clue head on")
+    index = {c: i for i, c in enumerate(vocab)}
+    y = np.zeros((len(labels), len(vocab)), dtype=np.float32)
+    for i, row in enumerate(labels):
+        for c in row:
+            if c in index:
+                y[i, index[c]] = 1.0
+    x = features.float()
+    mean, scale = x.mean(0), x.std(0).clamp_min(1e-4)
+    x = (x - mean) / scale
+    yt = torch.from_numpy(y)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_hold = int(round(holdout * len(labels))) if len(labels) >= 20 else 0
+    hold, train = order[:n_hold], order[n_hold:]
+    threshold, held = 0.5, None
+    if n_hold:
+        head = _train_linear(x[train], yt[train], steps=steps, lr=lr, weight_decay=weight_decay, seed=seed)
+        with torch.no_grad():
+            probs = torch.sigmoid(head(x[hold])).numpy()
+        truth = y[hold] > 0
+
+        def fbeta(s):
+            p, r = s["precision"], s["recall"]
+            return (1 + beta ** 2) * p * r / (beta ** 2 * p + r) if p + r else 0.0
+
+        scored = {t: _scores(probs, truth, t) for t in THRESHOLDS}
+        threshold = max(THRESHOLDS, key=lambda t: (fbeta(scored[t]), -t))
+        held = {"rows": int(n_hold), **scored[threshold]}
+    head = _train_linear(x, yt, steps=steps, lr=lr, weight_decay=weight_decay, seed=seed)
+    meta = {"features": int(x.shape[1]), "rows": len(labels), "steps": steps, "holdout": held}
+    return ClueHead(head.weight.detach().clone(), head.bias.detach().clone(), mean, scale, vocab,
+                    [texts[c] for c in vocab], float(threshold), meta)
+
+
+def observation_texts(clues_uri: str) -> dict[str, str]:
+    """clue id → its observation sentence in a ``clues.jsonl`` (the record marked ``observation``, else the clue's
+    first country-free record)."""
+    from georeasoner.core import storage
+
+    first: dict[str, str] = {}
+    marked: dict[str, str] = {}
+    for line in storage.read_text(clues_uri).splitlines():
+        try:
+            r = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue
+        if not isinstance(r, dict) or not isinstance(r.get("clue"), str) or not isinstance(r.get("text"), str):
+            continue
+        if r.get("country") is None:
+            first.setdefault(r["clue"], r["text"])
+            if r.get("observation"):
+                marked.setdefault(r["clue"], r["text"])
+    return first | marked
+
+
+def fit_on_rows(model, processor, rows: list[dict[str, Any]], clues_uri: str, *, seed: int = 0, steps: int = 300,
+                batch: int = 64, log=print) -> ClueHead:
+    """Fit a clue head on ``model``'s (frozen) tower over the rows that carry a ``clues`` list (their images read
+    and processed here, ``batch`` at a time)."""
+    import time
+
+    import torch
+
+    from georeasoner.vlm.batches import process_images
+
+    labelled = [r for r in rows if isinstance(r.get("clues"), list)]
+    if not labelled:
+        raise ValueError("no row carries a 'clues' list: nothing to fit a clue head on")
+    texts = observation_texts(clues_uri)
+    t0 = time.monotonic()
+    device = next(model.parameters()).device
+    feats = []
+    for i in range(0, len(labelled), batch):
+        images = process_images(processor.image_processor, [r["image_uri"] for r in labelled[i:i + batch]])
+        pv = torch.from_numpy(np.concatenate([p for p, _ in images])).float().to(device)
+        grid = torch.from_numpy(np.stack([g for _, g in images])).long().to(device)
+        feats.append(image_features(model, pv, grid).cpu())
+    features = torch.cat(feats)
+    t1 = time.monotonic()
+    head = fit_clue_head(features, [r["clues"] for r in labelled], texts, seed=seed, steps=steps)
+    log(f"clue head: {len(head.clues)} clues from {len(labelled)} rows ({features.shape[1]} features; images "
+        f"{t1 - t0:.0f}s, fit {time.monotonic() - t1:.0f}s), threshold {head.threshold:.2f}, held out: "
+        + (f"precision {head.meta['holdout']['precision']:.3f}, recall {head.meta['holdout']['recall']:.3f}"
+           if head.meta.get("holdout") else "-"))
+    return head
