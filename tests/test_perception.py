@@ -53,3 +53,78 @@ def test_fit_learns_clues_from_features_and_round_trips(tmp_path):
 def test_fit_refuses_rows_without_known_clues():
     with pytest.raises(ValueError, match="nothing to fit"):
         fit_clue_head(torch.zeros(5, 3), [["unknown_clue"]] * 5, TEXTS)
+
+
+def _world_rows(n: int, seed: int = 0):
+    """Features that show each clue, rows whose clues follow their country: drive_left in GB and TH, Thai script
+    in TH, the yellow rear plate in GB only."""
+    rng = np.random.default_rng(seed)
+    shows = {"GB": ["drive_left", "plate_yellow_rear"], "TH": ["drive_left", "script_thai"], "FR": []}
+    countries = [str(c) for c in rng.choice(list(shows), size=n)]
+    labels = [[c for c in shows[k] if rng.random() < 0.8] for k in countries]
+    x = rng.normal(scale=0.3, size=(n, 6)).astype(np.float32)
+    for i, row in enumerate(labels):
+        for c in row:
+            x[i, list(TEXTS).index(c)] += 2.0
+    return torch.from_numpy(x), labels, countries
+
+
+def test_clue_evidence_points_to_the_countries_whose_clues_the_head_sees(tmp_path):
+    x, labels, countries = _world_rows(300)
+    head = fit_clue_head(x, labels, TEXTS, steps=300, lr=0.05, countries=countries)
+    assert head.evidence is not None and head.evidence.countries == ["FR", "GB", "TH"]
+    held = head.meta["holdout_evidence"]
+    assert held["rows"] == 45 and held["country_accuracy"] > 0.6  # chance 1/3
+    xt, lt, ct = _world_rows(90, seed=1)
+    probs = head.probabilities_of(xt)
+    guess = [max(q, key=q.get) for q in (head.country_evidence(p) for p in probs)]
+    assert np.mean([g == c for g, c in zip(guess, ct)]) > 0.6
+    q = head.country_evidence(probs[0])
+    assert abs(np.logaddexp.reduce(list(q.values()))) < 1e-9  # a normalised distribution
+    head.save(tmp_path)
+    again = ClueHead.load(tmp_path)
+    assert again.evidence.countries == head.evidence.countries and again.evidence.temperature == head.evidence.temperature
+    for c, v in again.country_evidence(probs[0]).items():
+        assert v == pytest.approx(q[c], abs=1e-5)
+    # rows without a country: a head without evidence, as before
+    assert fit_clue_head(x, labels, TEXTS, steps=50, lr=0.05).evidence is None
+    assert fit_clue_head(x, labels, TEXTS, steps=50, lr=0.05, countries=[None] * len(labels)).evidence is None
+
+
+def test_weigh_evidence_combines_both_experts():
+    from georeasoner.vlm.predict import weigh_evidence
+
+    lm = {"GB": np.log(0.6), "TH": np.log(0.3), "FR": np.log(0.1)}
+    seen = {"GB": np.log(0.05), "TH": np.log(0.9)}
+    alone = weigh_evidence(lm, seen, 0.0)
+    assert max(alone, key=alone.get) == "GB" and alone["GB"] == pytest.approx(np.log(0.6))
+    both = weigh_evidence(lm, seen, 1.0)
+    assert max(both, key=both.get) == "TH"
+    assert np.logaddexp.reduce(list(both.values())) == pytest.approx(0.0, abs=1e-9)
+    # a country the evidence does not know gets its lowest score, not a free pass
+    assert both["FR"] < both["GB"]
+
+
+def test_geolocator_writes_the_weighed_country_and_asks_the_model_for_its_city(vlm_package):
+    """A real tiny model: the head's evidence overrules the model's country; the model writes the city after it."""
+    from PIL import Image
+
+    from georeasoner.vlm.perception import CountryEvidence
+    from georeasoner.vlm.predict import Geolocator
+
+    geo = Geolocator.from_ref(vlm_package, device="cpu", max_new_tokens=8)
+    head = _fixed_head([0.1, 0.1, 0.95])
+    head.evidence = CountryEvidence.fit(np.array([[1, 1, 0], [1, 0, 1], [0, 0, 0]], dtype=float), ["GB", "TH", "FR"])
+    geo.loaded.clue_head = head
+    assert geo.version.endswith("+clues-w1")
+    seen = head.probabilities_of(torch.zeros(1, 4))
+    answers = [{"country": "GB", "city": "London", "reasons": "The signs are written in the Thai script.",
+                "confidence": 0.6, "raw_text": "", "country_logprobs": {"GB": np.log(0.6), "TH": np.log(0.4)}}]
+    image = Image.new("RGB", (64, 64), (120, 120, 120))
+    geo._weigh(answers, [image], [geo.question], seen)
+    a = answers[0]
+    assert a["country"] == "TH" and a["reasons"] == "The signs are written in the Thai script."
+    assert a["raw_text"].startswith('{"reasons": "The signs are written in the Thai script.", "country": "Thailand"')
+    assert a["confidence"] == pytest.approx(np.exp(a["country_logprobs"]["TH"]))
+    geo.clue_weight = 0.0
+    assert not geo.version.endswith("+clues-w0")

@@ -58,6 +58,10 @@ class GeolocateConfig(inference.InferenceConfig):
                                            "answer with the neighbours in the prompt")
     vote_weight: float = Field(1.0, ge=0, le=10, description="engine vlm with index and fusion: weight of the "
                                                              "neighbours' log vote share (0: the two answers alone)")
+    clue_weight: float = Field(1.0, ge=0, le=20, description="engine vlm, a package whose clue head carries clue "
+                                                             "evidence: weight of the countries that the clues the "
+                                                             "head sees point to, beside the model's own (0: the "
+                                                             "model's country alone; georeasoner.vlm.perception)")
     prompt_k: int = Field(5, ge=1, le=64, description="engine vlm with index: nearest gallery images named in the "
                                                       "prompt (as build_sft's neighbours.k)")
     prompt_far: int = Field(0, ge=0, le=64, description="engine vlm with index: least similar gallery images named "
@@ -78,7 +82,8 @@ class GeolocateConfig(inference.InferenceConfig):
 
     def hash_excluded(self) -> set[str]:
         if self.engine == "knn":
-            return {"model", "max_side", "max_new_tokens", "dtype", "prompt_k", "prompt_far", "fusion", "vote_weight"}
+            return {"model", "max_side", "max_new_tokens", "dtype", "prompt_k", "prompt_far", "fusion", "vote_weight",
+                    "clue_weight"}
         if not self.index:
             return {"engine", "k", "index", "prompt_k", "prompt_far", "fusion", "vote_weight"}
         return {"engine"} | (set() if self.fusion else {"k", "vote_weight"})
@@ -223,10 +228,12 @@ class VLMModel:
     ``neighbours``, answers are retrieval-augmented (:class:`georeasoner.retrieval.fusion.RetrievalAnswerer`, the
     gallery read once per actor)."""
 
-    def __init__(self, model: str, device: str, dtype: str | None, max_new_tokens: int, seed: int, neighbours=None):
+    def __init__(self, model: str, device: str, dtype: str | None, max_new_tokens: int, seed: int, neighbours=None,
+                 clue_weight: float = 1.0):
         from georeasoner.vlm.predict import Geolocator
 
-        self.geolocator = Geolocator.from_ref(model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, seed=seed)
+        self.geolocator = Geolocator.from_ref(model, device=device, dtype=dtype, max_new_tokens=max_new_tokens, seed=seed,
+                                              clue_weight=clue_weight)
         self.version = self.geolocator.version
         self.retrieval = None
         if neighbours is not None:
@@ -250,7 +257,7 @@ def adapter(cfg: GeolocateConfig) -> inference.Adapter:
         return knn.adapter(JOB, cfg.index, cfg.k, cfg.device)
     return inference.Adapter(JOB, ANSWER_SCHEMA, functools.partial(decode_downsized, max_side=cfg.max_side),
                              functools.partial(VLMModel, cfg.model, cfg.device, cfg.dtype, cfg.max_new_tokens, cfg.seed,
-                                               cfg.neighbours()))
+                                               cfg.neighbours(), cfg.clue_weight))
 
 
 # -- the job ------------------------------------------------------------------------------

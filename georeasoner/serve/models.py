@@ -131,7 +131,8 @@ class GeolocatorDeployment:
         self.scorer = scorer
         self.device = pick_device(s.device)
         start = time.monotonic()
-        self.geo = Geolocator.from_ref(s.model, device=self.device, dtype=s.dtype, max_new_tokens=s.max_new_tokens)
+        self.geo = Geolocator.from_ref(s.model, device=self.device, dtype=s.dtype, max_new_tokens=s.max_new_tokens,
+                                       clue_weight=s.clue_weight)
         self.retrieval = None
         if s.neighbours.index:  # the gallery read once per replica
             from georeasoner.retrieval.fusion import RetrievalAnswerer

@@ -47,6 +47,9 @@ class ServeSettings(StrictModel):
     device: str = Field("auto", description="torch device of the model replicas: auto (cuda when the replica has a GPU), cpu, cuda")
     dtype: str | None = Field(None, description="weights dtype of the VLM (float32, bfloat16, float16; null = as stored)")
     max_new_tokens: int = Field(192, ge=1, le=4096, description="generation length bound per answer")
+    clue_weight: float = Field(1.0, ge=0, le=20, description="a package whose clue head carries clue evidence: weight "
+                                                             "of the countries the seen clues point to, beside the "
+                                                             "model's own (0: the model's alone; as geolocate)")
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads per model replica (null = Ray's default)")
     max_bytes: int = Field(10 * MIB, ge=1024, description="largest request body, and largest image read from s3 (413 above)")
     max_image_side: int = Field(1024, ge=28, description="images are shrunk to at most this side before the models")

@@ -78,31 +78,64 @@ def _country_first_tokens(tokenizer) -> tuple[tuple[str, ...], tuple[int, ...]]:
 CONTINUE_TOKENS = 32  # country and city after audited reasons
 
 
-def answer_lead(reasons: str) -> str:
-    """The start of a JSON answer up to the country value, after ``reasons`` (the model continues from here)."""
-    return '{"reasons": ' + json.dumps(reasons, ensure_ascii=False) + ', "country": "'
+def answer_lead(reasons: str, country_name: str | None = None) -> str:
+    """The start of a JSON answer up to the country value, after ``reasons`` (the model continues from here); with
+    ``country_name``, up to the city value after it."""
+    lead = '{"reasons": ' + json.dumps(reasons, ensure_ascii=False) + ', "country": "'
+    return lead if country_name is None else lead + country_name + '", "city": "'
+
+
+@functools.lru_cache(maxsize=1)
+def _country_name_of() -> dict[str, str]:
+    """ISO2 → the country name the models write (:func:`georeasoner.vlm.model.country_names`)."""
+    from georeasoner.geo import to_iso2
+    from georeasoner.vlm.model import country_names
+
+    out: dict[str, str] = {}
+    for name in country_names():
+        code = to_iso2(name)
+        if code:
+            out.setdefault(code, name)
+    return out
+
+
+def weigh_evidence(lm: dict[str, float], evidence: dict[str, float], weight: float) -> dict[str, float]:
+    """The normalised log distribution ``lm(c) + weight · evidence(c)`` over ``lm``'s countries (a product of the
+    language model's and the clue head's experts); a country the evidence does not know gets its lowest score."""
+    floor = min(evidence.values())
+    score = {c: lp + weight * evidence.get(c, floor) for c, lp in lm.items()}
+    top = max(score.values())
+    norm = top + math.log(sum(math.exp(v - top) for v in score.values()))
+    return {c: v - norm for c, v in score.items()}
 
 
 class Geolocator:
     """Answers images with a loaded VLM (:func:`georeasoner.vlm.model.load_vlm`)."""
 
-    def __init__(self, loaded, max_new_tokens: int = 192, question: str = prompts.INFERENCE_PROMPT):
+    def __init__(self, loaded, max_new_tokens: int = 192, question: str = prompts.INFERENCE_PROMPT,
+                 clue_weight: float = 1.0):
         self.loaded = loaded
         self.max_new_tokens = max_new_tokens
         self.question = question
+        self.clue_weight = float(clue_weight)
 
     @classmethod
     def from_ref(cls, ref: str, *, device: str | None = None, dtype: str | None = None, max_new_tokens: int = 192,
-                 seed: int = 0) -> "Geolocator":
+                 seed: int = 0, clue_weight: float = 1.0) -> "Geolocator":
         """Load a model reference; the question is the package's ``inference_prompt`` (the prompt of the stage
         it was last trained on), else the JSON inference prompt."""
         from georeasoner.vlm.model import load_vlm
 
         loaded = load_vlm(ref, device=device, dtype=dtype, seed=seed)
-        return cls(loaded, max_new_tokens, loaded.card.get("inference_prompt") or prompts.INFERENCE_PROMPT)
+        return cls(loaded, max_new_tokens, loaded.card.get("inference_prompt") or prompts.INFERENCE_PROMPT,
+                   clue_weight=clue_weight)
 
     @property
     def version(self) -> str:
+        """The package's version; ``+clues-w<weight>`` when its clue evidence weighs the country."""
+        head = getattr(self.loaded, "clue_head", None)
+        if head is not None and head.evidence is not None and self.clue_weight > 0:
+            return f"{self.loaded.version}+clues-w{self.clue_weight:g}"
         return self.loaded.version
 
     def answer(self, images: list, questions: list[str] | None = None,
@@ -114,7 +147,11 @@ class Geolocator:
 
         A package with a clue head (:mod:`georeasoner.vlm.perception`) audits each answer's reasons: sentences
         citing a clue the head does not see are dropped and the model writes the country and city again after
-        the kept reasons (the answer's ``audit`` lists the dropped clue ids; absent without a head)."""
+        the kept reasons (the answer's ``audit`` lists the dropped clue ids; absent without a head). A head with
+        clue evidence then weighs the country: ``log p_LM(c) + clue_weight · log q_clues(c)`` (its ``confidence`` the
+        combined posterior, ``country_logprobs`` the combined distribution); when that picks another country than
+        the model wrote, the model writes the city again after its reasons and that country. ``clue_weight`` 0:
+        the language model's country alone."""
         if not images:
             return []
         model, processor = self.loaded.model, self.loaded.processor
@@ -123,7 +160,9 @@ class Geolocator:
         batch = {k: v.to(device) for k, v in model_inputs(processor, images, questions).items()}
         head = getattr(self.loaded, "clue_head", None)
         seen = head.probabilities(model, batch["pixel_values"], batch["image_grid_thw"]) if head is not None else None
-        answers = [self._finish(g, "", country_logprobs) for g in self._generate(batch, self.max_new_tokens)]
+        weigh = seen is not None and head.evidence is not None and self.clue_weight > 0
+        with_lp = country_logprobs or weigh
+        answers = [self._finish(g, "", with_lp) for g in self._generate(batch, self.max_new_tokens)]
         if seen is None:
             return answers
         redo = []
@@ -141,8 +180,46 @@ class Geolocator:
                                  prefixes=leads)
             again = {k: v.to(device) for k, v in again.items()}
             for (row, lead, dropped), g in zip(redo, self._generate(again, CONTINUE_TOKENS)):
-                answers[row] = self._finish(g, lead, country_logprobs) | {"audit": dropped}
+                answers[row] = self._finish(g, lead, with_lp) | {"audit": dropped}
+        if weigh:
+            self._weigh(answers, images, questions, seen)
+        if not country_logprobs:
+            for a in answers:
+                a.pop("country_logprobs", None)
         return answers
+
+    def _weigh(self, answers: list[dict[str, Any]], images: list, questions: list[str], seen) -> None:
+        """The clue head's evidence on each answer's country (see :meth:`answer`), in place."""
+        from georeasoner.geo import country_centroid
+
+        head, processor = self.loaded.clue_head, self.loaded.processor
+        names = _country_name_of()
+        redo = []
+        for row, a in enumerate(answers):
+            if not a.get("country_logprobs"):  # no country value written (or a description): nothing to weigh
+                continue
+            combined = weigh_evidence(a["country_logprobs"], head.country_evidence(seen[row]), self.clue_weight)
+            best = max(combined, key=combined.get)
+            a["country_logprobs"], a["confidence"] = combined, float(math.exp(combined[best]))
+            if best != a.get("country") and best in names:
+                redo.append((row, answer_lead(a.get("reasons") or prompts.NO_CLUES, names[best]), best))
+        if not redo:
+            return
+        device = next(self.loaded.model.parameters()).device
+        again = model_inputs(processor, [images[r] for r, _, _ in redo], [questions[r] for r, _, _ in redo],
+                             prefixes=[lead for _, lead, _ in redo])
+        again = {k: v.to(device) for k, v in again.items()}
+        for (row, lead, best), g in zip(redo, self._generate(again, CONTINUE_TOKENS)):
+            old = answers[row]
+            new = self._finish(g, lead, False)
+            if new.get("country") != best:  # the model broke the JSON after the given country: keep the country
+                centroid = country_centroid(best)
+                new.update(country=best, city=None, lat=centroid[0] if centroid else None,
+                           lon=centroid[1] if centroid else None)
+            new.update(confidence=old["confidence"], country_logprobs=old["country_logprobs"])
+            if "audit" in old:
+                new["audit"] = old["audit"]
+            answers[row] = new
 
     def _generate(self, batch: dict, max_new_tokens: int) -> list[tuple[list[int], list[float], Any]]:
         """Greedy generation: per row (token ids up to the end of the answer, their probabilities, the row's
