@@ -71,8 +71,10 @@ def _world_rows(n: int, seed: int = 0):
 
 def test_clue_evidence_points_to_the_countries_whose_clues_the_head_sees(tmp_path):
     x, labels, countries = _world_rows(300)
-    head = fit_clue_head(x, labels, TEXTS, steps=300, lr=0.05, countries=countries)
+    cities = [{"GB": "London", "TH": "Bangkok", "FR": None}[c] for c in countries]
+    head = fit_clue_head(x, labels, TEXTS, steps=300, lr=0.05, countries=countries, cities=cities)
     assert head.evidence is not None and head.evidence.countries == ["FR", "GB", "TH"]
+    assert head.evidence.cities == [("GB", "London"), ("TH", "Bangkok")]
     held = head.meta["holdout_evidence"]
     assert held["rows"] == 45 and held["country_accuracy"] > 0.6  # chance 1/3
     xt, lt, ct = _world_rows(90, seed=1)
@@ -86,6 +88,9 @@ def test_clue_evidence_points_to_the_countries_whose_clues_the_head_sees(tmp_pat
     assert again.evidence.countries == head.evidence.countries and again.evidence.temperature == head.evidence.temperature
     for c, v in again.country_evidence(probs[0]).items():
         assert v == pytest.approx(q[c], abs=1e-5)
+    assert again.evidence.cities == head.evidence.cities
+    assert again.evidence.city_logq(probs[0], "TH") == {"Bangkok": pytest.approx(0.0)}
+    assert again.evidence.city_logq(probs[0], "FR") == {}
     # rows without a country: a head without evidence, as before
     assert fit_clue_head(x, labels, TEXTS, steps=50, lr=0.05).evidence is None
     assert fit_clue_head(x, labels, TEXTS, steps=50, lr=0.05, countries=[None] * len(labels)).evidence is None
@@ -105,8 +110,9 @@ def test_weigh_evidence_combines_both_experts():
     assert both["FR"] < both["GB"]
 
 
-def test_geolocator_writes_the_weighed_country_and_asks_the_model_for_its_city(vlm_package):
-    """A real tiny model: the head's evidence overrules the model's country; the model writes the city after it."""
+def test_geolocator_writes_the_weighed_country_and_city(vlm_package):
+    """A real tiny model: the head's evidence overrules the model's country, and picks the city among that
+    country's training cities (with city evidence) or lets the model write it (without)."""
     from PIL import Image
 
     from georeasoner.vlm.perception import CountryEvidence
@@ -114,17 +120,28 @@ def test_geolocator_writes_the_weighed_country_and_asks_the_model_for_its_city(v
 
     geo = Geolocator.from_ref(vlm_package, device="cpu", max_new_tokens=8)
     head = _fixed_head([0.1, 0.1, 0.95])
-    head.evidence = CountryEvidence.fit(np.array([[1, 1, 0], [1, 0, 1], [0, 0, 0]], dtype=float), ["GB", "TH", "FR"])
+    y = np.array([[1, 1, 0], [1, 0, 1], [1, 0, 1], [0, 0, 0]], dtype=float)
     geo.loaded.clue_head = head
-    assert geo.version.endswith("+clues-w1")
     seen = head.probabilities_of(torch.zeros(1, 4))
-    answers = [{"country": "GB", "city": "London", "reasons": "The signs are written in the Thai script.",
-                "confidence": 0.6, "raw_text": "", "country_logprobs": {"GB": np.log(0.6), "TH": np.log(0.4)}}]
     image = Image.new("RGB", (64, 64), (120, 120, 120))
-    geo._weigh(answers, [image], [geo.question], seen)
-    a = answers[0]
-    assert a["country"] == "TH" and a["reasons"] == "The signs are written in the Thai script."
-    assert a["raw_text"].startswith('{"reasons": "The signs are written in the Thai script.", "country": "Thailand"')
-    assert a["confidence"] == pytest.approx(np.exp(a["country_logprobs"]["TH"]))
+    reasons = "The signs are written in the Thai script."
+
+    def answered():
+        return [{"country": "GB", "city": "London", "reasons": reasons, "confidence": 0.6, "raw_text": "",
+                 "audit": [], "country_logprobs": {"GB": np.log(0.6), "TH": np.log(0.4)}}]
+
+    for cities in (["London", "Bangkok", "Phuket", None], None):
+        head.evidence = CountryEvidence.fit(y, ["GB", "TH", "TH", "FR"], cities=cities)
+        assert geo.version.endswith("+clues-w1")
+        answers = answered()
+        geo._weigh(answers, [image], [geo.question], seen)
+        a = answers[0]
+        assert a["country"] == "TH" and a["reasons"] == reasons and a["audit"] == []
+        assert a["raw_text"].startswith('{"reasons": "The signs are written in the Thai script.", "country": '
+                                        '"Thailand", "city": "')
+        assert a["confidence"] == pytest.approx(np.exp(a["country_logprobs"]["TH"]))
+        if cities:  # one of Thailand's training cities, the answer's coordinates from it
+            assert a["city"] in {"Bangkok", "Phuket"} and a["raw_text"].endswith('"}')
+            assert a["lat"] is not None and 5 < a["lat"] < 21
     geo.clue_weight = 0.0
     assert not geo.version.endswith("+clues-w0")

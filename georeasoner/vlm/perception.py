@@ -17,14 +17,16 @@ it scores each country by the Bernoulli log-likelihood of what the head sees, it
 evidence: ``log q(c) = log prior(c) + sum_v [p_v log theta_vc + (1 - p_v) log(1 - theta_vc)] / T``, with ``T`` (a
 temperature: the clues are not independent) picked by the held-out rows' country log-loss. The Geolocator adds
 ``clue_weight`` · log q to the language model's own distribution over the country it writes (a product of
-experts): the country follows from the clues the tower sees, and the model writes the city after it.
+experts): the country follows from the clues the tower sees. The same frequencies per (country, city) — the
+landmarks of a skyline tell cities apart — weigh the model's first city token among that country's training cities.
 
 Package layout (``docs/schemas.md`` › VLM package): ``perception/clue_head.safetensors`` (``weight`` [V, F],
 ``bias`` [V], ``mean``/``scale`` [F]: the feature standardisation) and ``perception/clue_head.json``
 (``clues``: the V clue ids in logit order, ``texts``: their observation sentences, ``threshold``, ``features``,
-``holdout``: precision/recall of the head on held-out training rows; with clue evidence also ``theta`` [V, C]
-and ``log_prior`` [C] in the weights and ``countries`` (ISO2, column order), ``temperature`` in the JSON). A LoRA stage with a frozen tower carries the
-head of its start package forward; a stage that trains the tower drops it (or fits a new one).
+``holdout``: precision/recall of the head on held-out training rows; with clue evidence also ``theta`` [V, C],
+``log_prior`` [C] and ``city_theta`` [V, K] in the weights, ``countries`` (ISO2, column order), ``cities``
+([ISO2, name] per column) and ``temperature`` in the JSON). A LoRA stage with a frozen tower carries the head of
+its start package forward; a stage that trains the tower drops it (or fits a new one).
 """
 
 from __future__ import annotations
@@ -137,6 +139,9 @@ class ClueHead:
             tensors |= {"theta": torch.from_numpy(self.evidence.theta).float().contiguous(),
                         "log_prior": torch.from_numpy(self.evidence.log_prior).float().contiguous()}
             meta |= {"countries": self.evidence.countries, "temperature": self.evidence.temperature}
+            if self.evidence.cities is not None:
+                tensors["city_theta"] = torch.from_numpy(self.evidence.city_theta).float().contiguous()
+                meta["cities"] = [list(p) for p in self.evidence.cities]
         save_file(tensors, str(out / WEIGHTS))
         (out / META).write_text(json.dumps(meta, indent=1))
         return {"path": HEAD_DIR, "clues": len(self.clues), "threshold": self.threshold,
@@ -165,6 +170,13 @@ class ClueHead:
                 raise ValueError(f"clue head in '{path}': clue evidence of shape {tuple(theta.shape)} for "
                                  f"{len(clues)} clues and {len(countries)} countries")
             evidence = CountryEvidence(countries, theta, log_prior, float(meta.pop("temperature", 1.0)))
+            places = meta.pop("cities", None)
+            if places and "city_theta" in t:
+                if t["city_theta"].shape != (len(clues), len(places)):
+                    raise ValueError(f"clue head in '{path}': city evidence of shape {tuple(t['city_theta'].shape)} "
+                                     f"for {len(clues)} clues and {len(places)} cities")
+                evidence.cities = [(str(c), str(n)) for c, n in places]
+                evidence.city_theta = t["city_theta"].double().numpy()
         return cls(t["weight"].float(), t["bias"].float(), t["mean"].float(), t["scale"].float(), clues, texts,
                    threshold, meta, evidence)
 
@@ -180,15 +192,27 @@ class CountryEvidence:
     theta: np.ndarray
     log_prior: np.ndarray
     temperature: float = 1.0
+    cities: list[tuple[str, str]] | None = None  # (ISO2, city) of each column of city_theta
+    city_theta: np.ndarray | None = None  # [V, K] P(clue seen | city): landmarks tell the cities of a country apart
 
     @classmethod
-    def fit(cls, y: np.ndarray, countries: list[str], temperature: float = 1.0) -> "CountryEvidence":
-        """From ``y`` [N, V] (the rows' clue indicators) and each row's ISO2 ``countries`` (add-one smoothing)."""
+    def fit(cls, y: np.ndarray, countries: list[str], temperature: float = 1.0,
+            cities: list[str | None] | None = None) -> "CountryEvidence":
+        """From ``y`` [N, V] (the rows' clue indicators) and each row's ISO2 ``countries`` (add-one smoothing); with
+        each row's city name (None where unknown), the same per (country, city)."""
         codes = sorted(set(countries))
         col = np.array([codes.index(c) for c in countries])
         counts = np.bincount(col, minlength=len(codes)).astype(np.float64)
         theta = np.stack([(y[col == k].sum(0) + 1.0) / (counts[k] + 2.0) for k in range(len(codes))], 1)
-        return cls(codes, theta, np.log(counts / counts.sum()), temperature)
+        out = cls(codes, theta, np.log(counts / counts.sum()), temperature)
+        if cities is not None:
+            pairs = [(c, n) if isinstance(n, str) and n else None for c, n in zip(countries, cities)]
+            places = sorted({p for p in pairs if p is not None})
+            if places:
+                out.cities = places
+                out.city_theta = np.stack([(y[[p == q for p in pairs]].sum(0) + 1.0)
+                                           / (sum(p == q for p in pairs) + 2.0) for q in places], 1)
+        return out
 
     def logq(self, probs: np.ndarray) -> np.ndarray:
         """[N, C] normalised log q(country) from [N, V] clue probabilities (soft evidence)."""
@@ -196,9 +220,24 @@ class CountryEvidence:
         s = (p @ np.log(self.theta) + (1.0 - p) @ np.log1p(-self.theta)) / self.temperature + self.log_prior
         return s - np.logaddexp.reduce(s, axis=1, keepdims=True)
 
+    def city_logq(self, probs: np.ndarray, country: str) -> dict[str, float]:
+        """City name → normalised log q(city | country, one image's clue probabilities) over the training cities
+        of ``country`` (empty when it has none)."""
+        if self.cities is None:
+            return {}
+        cols = [k for k, (c, _) in enumerate(self.cities) if c == country]
+        if not cols:
+            return {}
+        p = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0)
+        th = self.city_theta[:, cols]
+        s = (p @ np.log(th) + (1.0 - p) @ np.log1p(-th)) / self.temperature
+        s = s - np.logaddexp.reduce(s)
+        return {self.cities[k][1]: float(v) for k, v in zip(cols, s)}
+
 
 def _fit_evidence(y: np.ndarray, countries: list[str | None], hold: np.ndarray, train: np.ndarray,
-                  held_probs: np.ndarray | None) -> tuple[CountryEvidence | None, dict[str, Any] | None]:
+                  held_probs: np.ndarray | None, cities: list[str | None] | None = None,
+                  ) -> tuple[CountryEvidence | None, dict[str, Any] | None]:
     """The clue evidence on the rows with a country; its temperature (and held-out accuracy) from the held-out rows
     scored by the head fitted without them."""
     known = np.array([isinstance(c, str) and bool(c) for c in countries])
@@ -225,7 +264,8 @@ def _fit_evidence(y: np.ndarray, countries: list[str | None], hold: np.ndarray, 
             report = {"rows": len(seen), "temperature": temperature, "country_accuracy": round(acc, 4),
                       "log_loss": round(loss[temperature], 4)}
     all_known = np.flatnonzero(known)
-    return CountryEvidence.fit(y[all_known], [countries[r] for r in all_known], temperature), report
+    return CountryEvidence.fit(y[all_known], [countries[r] for r in all_known], temperature,
+                               None if cities is None else [cities[r] for r in all_known]), report
 
 
 def _scores(probs: np.ndarray, truth: np.ndarray, threshold: float) -> dict[str, float]:
@@ -255,7 +295,8 @@ def _train_linear(x, y, *, steps: int, lr: float, weight_decay: float, seed: int
 
 def fit_clue_head(features, labels: list[list[str]], texts: dict[str, str], *, seed: int = 0, steps: int = 300,
                   lr: float = 1e-4, weight_decay: float = 0.05, holdout: float = 0.15,
-                  beta: float = 2.0, countries: list[str | None] | None = None) -> ClueHead:
+                  beta: float = 2.0, countries: list[str | None] | None = None,
+                  cities: list[str | None] | None = None) -> ClueHead:
     """Fit the head on ``features`` [N, F] (torch, :func:`image_features`) and each row's clue ids. A seeded
     ``holdout`` share of the rows picks the threshold (the best F-beta; ``beta`` 2 weighs recall: a sentence stays
     only when the language model wrote it *and* the head sees its clue, so the reasons' precision is well above the
@@ -263,7 +304,8 @@ def fit_clue_head(features, labels: list[list[str]], texts: dict[str, str], *, s
     has 0.61 — and the head's misses are what the reasons lose) and reports the head's precision/recall; the head
     starts at each clue's base rate (its bias) and is then fitted again
     on every row. ``texts``: clue id → observation sentence (clues without one are left out). ``countries``: each
-    row's ISO2 (None where unknown): the head also keeps the clue evidence for the country (module doc)."""
+    row's ISO2 (None where unknown): the head also keeps the clue evidence for the country (module doc), and with
+    ``cities`` (each row's city name) for the city within a country."""
     import torch
 
     vocab = sorted({c for row in labels for c in row if c in texts})
@@ -296,7 +338,9 @@ def fit_clue_head(features, labels: list[list[str]], texts: dict[str, str], *, s
         scored = {t: _scores(probs, truth, t) for t in THRESHOLDS}
         threshold = max(THRESHOLDS, key=lambda t: (fbeta(scored[t]), -t))
         held = {"rows": int(n_hold), **scored[threshold]}
-    evidence, held_evidence = (None, None) if countries is None else _fit_evidence(y, countries, hold, train, probs)
+    evidence, held_evidence = None, None
+    if countries is not None:
+        evidence, held_evidence = _fit_evidence(y, countries, hold, train, probs, cities)
     head = _train_linear(x, yt, steps=steps, lr=lr, weight_decay=weight_decay, seed=seed)
     meta = {"features": int(x.shape[1]), "rows": len(labels), "steps": steps, "holdout": held}
     if held_evidence:
@@ -351,7 +395,8 @@ def fit_on_rows(model, processor, rows: list[dict[str, Any]], clues_uri: str, *,
     features = torch.cat(feats)
     t1 = time.monotonic()
     head = fit_clue_head(features, [r["clues"] for r in labelled], texts, seed=seed, steps=steps,
-                         countries=[r.get("country") for r in labelled])
+                         countries=[r.get("country") for r in labelled],
+                         cities=[r.get("city") for r in labelled])
     log(f"clue head: {len(head.clues)} clues from {len(labelled)} rows ({features.shape[1]} features; images "
         f"{t1 - t0:.0f}s, fit {time.monotonic() - t1:.0f}s), threshold {head.threshold:.2f}, held out: "
         + (f"precision {head.meta['holdout']['precision']:.3f}, recall {head.meta['holdout']['recall']:.3f}"

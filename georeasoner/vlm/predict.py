@@ -149,9 +149,10 @@ class Geolocator:
         citing a clue the head does not see are dropped and the model writes the country and city again after
         the kept reasons (the answer's ``audit`` lists the dropped clue ids; absent without a head). A head with
         clue evidence then weighs the country: ``log p_LM(c) + clue_weight · log q_clues(c)`` (its ``confidence`` the
-        combined posterior, ``country_logprobs`` the combined distribution); when that picks another country than
-        the model wrote, the model writes the city again after its reasons and that country. ``clue_weight`` 0:
-        the language model's country alone."""
+        combined posterior, ``country_logprobs`` the combined distribution), and the city among that country's
+        training cities: ``log p_LM(first city token | reasons, country) + clue_weight · log q_clues(city)``
+        (a country without training cities: the model writes the city after its reasons and that country; a
+        city is the model's own then). ``clue_weight`` 0: the language model's answer alone."""
         if not images:
             return []
         model, processor = self.loaded.model, self.loaded.processor
@@ -189,37 +190,74 @@ class Geolocator:
         return answers
 
     def _weigh(self, answers: list[dict[str, Any]], images: list, questions: list[str], seen) -> None:
-        """The clue head's evidence on each answer's country (see :meth:`answer`), in place."""
-        from georeasoner.geo import country_centroid
-
-        head, processor = self.loaded.clue_head, self.loaded.processor
+        """The clue head's evidence on each answer's country and city (see :meth:`answer`), in place."""
+        head = self.loaded.clue_head
         names = _country_name_of()
-        redo = []
+        pick_city, write_city = [], []
         for row, a in enumerate(answers):
             if not a.get("country_logprobs"):  # no country value written (or a description): nothing to weigh
                 continue
             combined = weigh_evidence(a["country_logprobs"], head.country_evidence(seen[row]), self.clue_weight)
             best = max(combined, key=combined.get)
             a["country_logprobs"], a["confidence"] = combined, float(math.exp(combined[best]))
-            if best != a.get("country") and best in names:
-                redo.append((row, answer_lead(a.get("reasons") or prompts.NO_CLUES, names[best]), best))
-        if not redo:
-            return
+            if best not in names:
+                continue
+            lead = answer_lead(a.get("reasons") or prompts.NO_CLUES, names[best])
+            cities = head.evidence.city_logq(seen[row], best)
+            if cities:
+                pick_city.append((row, lead, best, cities))
+            elif best != a.get("country"):
+                write_city.append((row, lead, best))
+        if pick_city:
+            self._pick_cities(answers, images, questions, pick_city)
+        if write_city:
+            self._write_cities(answers, images, questions, write_city)
+
+    def _lead_inputs(self, images: list, questions: list[str], todo: list[tuple]) -> dict:
         device = next(self.loaded.model.parameters()).device
-        again = model_inputs(processor, [images[r] for r, _, _ in redo], [questions[r] for r, _, _ in redo],
-                             prefixes=[lead for _, lead, _ in redo])
-        again = {k: v.to(device) for k, v in again.items()}
-        for (row, lead, best), g in zip(redo, self._generate(again, CONTINUE_TOKENS)):
-            old = answers[row]
-            new = self._finish(g, lead, False)
-            if new.get("country") != best:  # the model broke the JSON after the given country: keep the country
-                centroid = country_centroid(best)
-                new.update(country=best, city=None, lat=centroid[0] if centroid else None,
-                           lon=centroid[1] if centroid else None)
-            new.update(confidence=old["confidence"], country_logprobs=old["country_logprobs"])
-            if "audit" in old:
-                new["audit"] = old["audit"]
-            answers[row] = new
+        batch = model_inputs(self.loaded.processor, [images[t[0]] for t in todo], [questions[t[0]] for t in todo],
+                             prefixes=[t[1] for t in todo])
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def _pick_cities(self, answers, images, questions, todo) -> None:
+        """The city among the chosen country's training cities: the model's log-probability of each one's first
+        token after its reasons and that country, plus ``clue_weight`` · the clue evidence for it."""
+        import torch
+
+        tokenizer = self.loaded.processor.tokenizer
+        with torch.no_grad():
+            last = self.loaded.model(**self._lead_inputs(images, questions, todo)).logits[:, -1, :].float()
+        logp = last.log_softmax(-1).cpu()
+        for i, (row, lead, best, cities) in enumerate(todo):
+            score = {}
+            for city, lq in cities.items():
+                first = tokenizer(city, add_special_tokens=False).input_ids[:1]
+                score[city] = (float(logp[i, first[0]]) if first else -1e9) + self.clue_weight * lq
+            city = max(score, key=score.get)
+            self._replace(answers, row, lead + json.dumps(city, ensure_ascii=False)[1:] + "}", best)
+
+    def _write_cities(self, answers, images, questions, todo) -> None:
+        """The model writes the city after its reasons and the chosen country (a country without training cities)."""
+        for (row, lead, best), g in zip(todo, self._generate(self._lead_inputs(images, questions, todo),
+                                                             CONTINUE_TOKENS)):
+            ids = g[0]
+            text = lead + self.loaded.processor.tokenizer.decode(ids, skip_special_tokens=True)
+            self._replace(answers, row, text, best)
+
+    def _replace(self, answers, row: int, raw: str, country: str) -> None:
+        """Answer ``row`` becomes ``raw`` (reasons, ``country``, city), keeping its confidence and distribution."""
+        from georeasoner.geo import country_centroid
+
+        old = answers[row]
+        new = parse_answer(raw)
+        if new.get("country") != country:  # the model broke the JSON after the given country: keep the country
+            centroid = country_centroid(country)
+            new.update(country=country, city=None, lat=centroid[0] if centroid else None,
+                       lon=centroid[1] if centroid else None)
+        new.update(raw_text=raw, confidence=old["confidence"], country_logprobs=old["country_logprobs"])
+        if "audit" in old:
+            new["audit"] = old["audit"]
+        answers[row] = new
 
     def _generate(self, batch: dict, max_new_tokens: int) -> list[tuple[list[int], list[float], Any]]:
         """Greedy generation: per row (token ids up to the end of the answer, their probabilities, the row's
