@@ -85,20 +85,6 @@ def answer_lead(reasons: str, country_name: str | None = None) -> str:
     return lead if country_name is None else lead + country_name + '", "city": "'
 
 
-@functools.lru_cache(maxsize=1)
-def _country_name_of() -> dict[str, str]:
-    """ISO2 → the country name the models write (:func:`georeasoner.vlm.model.country_names`)."""
-    from georeasoner.geo import to_iso2
-    from georeasoner.vlm.model import country_names
-
-    out: dict[str, str] = {}
-    for name in country_names():
-        code = to_iso2(name)
-        if code:
-            out.setdefault(code, name)
-    return out
-
-
 def weigh_evidence(lm: dict[str, float], evidence: dict[str, float], weight: float) -> dict[str, float]:
     """The normalised log distribution ``lm(c) + weight · evidence(c)`` over ``lm``'s countries (a product of the
     language model's and the clue head's experts); a country the evidence does not know gets its lowest score."""
@@ -191,8 +177,9 @@ class Geolocator:
 
     def _weigh(self, answers: list[dict[str, Any]], images: list, questions: list[str], seen) -> None:
         """The clue head's evidence on each answer's country and city (see :meth:`answer`), in place."""
+        from georeasoner.geo import country_name
+
         head = self.loaded.clue_head
-        names = _country_name_of()
         pick_city, write_city = [], []
         for row, a in enumerate(answers):
             if not a.get("country_logprobs"):  # no country value written (or a description): nothing to weigh
@@ -200,9 +187,10 @@ class Geolocator:
             combined = weigh_evidence(a["country_logprobs"], head.country_evidence(seen[row]), self.clue_weight)
             best = max(combined, key=combined.get)
             a["country_logprobs"], a["confidence"] = combined, float(math.exp(combined[best]))
-            if best not in names:
+            name = country_name(best)  # the name the models write (georeasoner.vlm.model.country_names)
+            if not name:
                 continue
-            lead = answer_lead(a.get("reasons") or prompts.NO_CLUES, names[best])
+            lead = answer_lead(a.get("reasons") or prompts.NO_CLUES, name)
             cities = head.evidence.city_logq(seen[row], best)
             if cities:
                 pick_city.append((row, lead, best, cities))
