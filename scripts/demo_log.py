@@ -18,7 +18,8 @@ JOBS = ("make_world", "ingest", "clue_weights", "teacher_labels", "pretrain_clip
         "score_locatability", "curate", "build_sft", "finetune", "geolocate", "baseline_zeroshot", "build_index",
         "evaluate", "pipeline")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-WORKER = re.compile(r"^\((?P<actor>.*?) pid=\d+(?:, ip=[\d.]+)?\) (?P<text>.*)$")  # actor names nest parentheses
+# "(Actor pid=123)" and "(pid=gcs_server)", the prefixes Ray puts on the lines of workers and of its own processes
+WORKER = re.compile(r"^\((?:(?P<actor>.*?) )?pid=\w+(?:, ip=[\d.]+)?\) (?P<text>.*)$")  # actor names nest parentheses
 OURS = re.compile(rf"^(?:{'|'.join(JOBS)})(?: dry run)?: ")
 RAY_LOGGER = re.compile(r"^(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:INFO|WARNING|DEBUG)\s|\[\d{4}-\d\d-\d\d [^\]]*\] )")
 NOISE = (

@@ -11,6 +11,8 @@ LINES = [
     "== 10/14 finetune_base ==",
     "\x1b[36m(RayTrainWorker pid=25204)\x1b[0m finetune: step 100/300 loss 0.3255 lr 0.00239 71.9 samples/s",
     "\x1b[36m(RayTrainWorker pid=25204)\x1b[0m Reporting training result 1: TrainingReport(checkpoint=None)",
+    "\x1b[36m(pid=gcs_server)\x1b[0m [2026-12-03 09:42:43,064 E 30881 30881] (gcs_server) gcs_actor_scheduler.cc:538: "
+    "Failed to kill actor 7239, return status: Invalid: KillActor RPC failed",
     "\x1b[36m(PlacementGroupCleaner pid=2)\x1b[0m Failed to query Ray Train Controller actor state. Stack trace:",
     "2026-12-01 19:01:47,951\tINFO streaming_executor.py:215 -- Starting execution of Dataset dataset_0357",
     "[2026-12-01 19:01:47,980 E 21762 21762] core_worker.cc:2465: Actor with class name: 'MapWorker'",

@@ -86,6 +86,10 @@ def test_collate_puts_the_loss_on_the_answer_only(world):
     assert int((batch["input_ids"] == image_id).sum()) == int(batch["mm_token_type_ids"].sum()) > 0
     loss = loaded.model(**batch).loss
     assert np.isfinite(float(loss))
+    # the training loss applies the output layer at the answer positions only: the same value as labels=
+    from georeasoner.vlm.batches import answer_loss
+
+    assert abs(float(answer_loss(loaded.model, batch)) - float(loss)) < 1e-5
     # the same as the processor's own expansion of the image placeholder
     direct = loaded.processor(text=[prompts.chat_prompt(sft[0]["prompt"])],
                               images=[Image.open(rows[0]["image_uri"]).convert("RGB")], return_tensors="pt")

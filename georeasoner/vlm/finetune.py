@@ -359,6 +359,7 @@ class Finetune(Recipe):
         from georeasoner.vlm.batches import (
             Background,
             ImageCache,
+            answer_loss,
             collate,
             micro_batches,
             prefetch,
@@ -442,7 +443,7 @@ class Finetune(Recipe):
                 if batch is None:
                     raise RuntimeError(f"the training stream ended at step {s} of {total} (rank {w.rank})")
                 batch = {k: v.to(w.device) for k, v in batch.items()}
-                loss = engine(**batch).loss
+                loss = answer_loss(engine, batch)
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.item())
