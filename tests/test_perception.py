@@ -145,3 +145,42 @@ def test_geolocator_writes_the_weighed_country_and_city(vlm_package):
             assert a["lat"] is not None and 5 < a["lat"] < 21
     geo.clue_weight = 0.0
     assert not geo.version.endswith("+clues-w0")
+
+
+def test_an_answer_that_broke_before_its_country_is_continued_after_its_reasons(vlm_package):
+    """A real tiny model whose first answer breaks off after the reasons (``{"reasons": "…","}``, as small models
+    do): the Geolocator writes the answer again from its reasons up to the country value, so it names one;
+    junk reasons (no letter) become the no-clue sentence."""
+    from PIL import Image
+
+    from georeasoner.vlm import prompts
+    from georeasoner.vlm.predict import Geolocator
+
+    from georeasoner.vlm.perception import image_features
+    from georeasoner.vlm.predict import model_inputs
+
+    geo = Geolocator.from_ref(vlm_package, device="cpu", max_new_tokens=8)
+    images = [Image.new("RGB", (64, 64), (120, 120, 120)), Image.new("RGB", (64, 64), (20, 90, 200))]
+    batch = model_inputs(geo.loaded.processor, images[:1], [geo.question])
+    width = image_features(geo.loaded.model, batch["pixel_values"], batch["image_grid_thw"]).shape[1]
+    clues, p = list(TEXTS), torch.full((len(TEXTS),), 0.9)  # a head that sees every clue in every image
+    geo.loaded.clue_head = ClueHead(torch.zeros(len(clues), width), torch.log(p / (1 - p)), torch.zeros(width),
+                                    torch.ones(width), clues, [TEXTS[c] for c in clues], 0.5, {})
+    tokenizer = geo.loaded.processor.tokenizer
+    real, leads = geo._generate, []
+
+    def first_answer_breaks(batch, max_new_tokens):
+        rows = real(batch, max_new_tokens)
+        if not leads:  # the first pass: the answers the model would write, replaced by broken ones
+            broken = ['{"reasons": "Cars drive on the left.","}', '{"reasons":"}"}"}']
+            rows = [(tokenizer(t, add_special_tokens=False).input_ids, [0.5] * 3, r[2])
+                    for t, r in zip(broken, rows)]
+        leads.append(tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=False))
+        return rows
+
+    geo._generate = first_answer_breaks
+    answers = geo.answer(images)
+    assert len(leads) >= 2  # the broken answers were continued
+    assert answers[0]["raw_text"].startswith('{"reasons": "Cars drive on the left.", "country": "')
+    assert answers[1]["raw_text"].startswith('{"reasons": ' + f'"{prompts.NO_CLUES}"' + ', "country": "')
+    assert all(a["audit"] == [] for a in answers)

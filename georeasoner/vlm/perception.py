@@ -276,14 +276,18 @@ def _scores(probs: np.ndarray, truth: np.ndarray, threshold: float) -> dict[str,
     return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0}
 
 
-def _train_linear(x, y, *, steps: int, lr: float, weight_decay: float, seed: int):
+def _train_linear(x, y, *, steps: int, lr: float, weight_decay: float, seed: int, init=None):
+    """A full-batch logistic-regression head; ``init``: a head to continue from (its weights are copied)."""
     import torch
 
     torch.manual_seed(seed)
     head = torch.nn.Linear(x.shape[1], y.shape[1])
     with torch.no_grad():  # start at each clue's base rate: most clues are absent from most images
-        rate = y.float().mean(0).clamp(1e-3, 1 - 1e-3)
-        head.bias.copy_(torch.log(rate / (1 - rate)))
+        if init is not None:
+            head.load_state_dict(init.state_dict())
+        else:
+            rate = y.float().mean(0).clamp(1e-3, 1 - 1e-3)
+            head.bias.copy_(torch.log(rate / (1 - rate)))
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
         loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x), y)
@@ -302,8 +306,8 @@ def fit_clue_head(features, labels: list[list[str]], texts: dict[str, str], *, s
     only when the language model wrote it *and* the head sees its clue, so the reasons' precision is well above the
     head's own — on the demo world's val split a threshold of 0.4 gave reasons precision 0.87 where the head alone
     has 0.61 — and the head's misses are what the reasons lose) and reports the head's precision/recall; the head
-    starts at each clue's base rate (its bias) and is then fitted again
-    on every row. ``texts``: clue id → observation sentence (clues without one are left out). ``countries``: each
+    starts at each clue's base rate (its bias), and the held-out fit then continues on every row for a third of
+    its steps. ``texts``: clue id → observation sentence (clues without one are left out). ``countries``: each
     row's ISO2 (None where unknown): the head also keeps the clue evidence for the country (module doc), and with
     ``cities`` (each row's city name) for the city within a country."""
     import torch
@@ -324,9 +328,9 @@ def fit_clue_head(features, labels: list[list[str]], texts: dict[str, str], *, s
     order = np.random.default_rng(seed).permutation(len(labels))
     n_hold = int(round(holdout * len(labels))) if len(labels) >= 20 else 0
     hold, train = order[:n_hold], order[n_hold:]
-    threshold, held, probs = 0.5, None, None
+    threshold, held, probs, start = 0.5, None, None, None
     if n_hold:
-        head = _train_linear(x[train], yt[train], steps=steps, lr=lr, weight_decay=weight_decay, seed=seed)
+        head = start = _train_linear(x[train], yt[train], steps=steps, lr=lr, weight_decay=weight_decay, seed=seed)
         with torch.no_grad():
             probs = torch.sigmoid(head(x[hold])).numpy()
         truth = y[hold] > 0
@@ -341,8 +345,11 @@ def fit_clue_head(features, labels: list[list[str]], texts: dict[str, str], *, s
     evidence, held_evidence = None, None
     if countries is not None:
         evidence, held_evidence = _fit_evidence(y, countries, hold, train, probs, cities)
-    head = _train_linear(x, yt, steps=steps, lr=lr, weight_decay=weight_decay, seed=seed)
-    meta = {"features": int(x.shape[1]), "rows": len(labels), "steps": steps, "holdout": held}
+    # every row: continued from the held-out fit (a third of its steps), or fitted from the base rates
+    final_steps = max(1, steps // 3) if start is not None else steps
+    head = _train_linear(x, yt, steps=final_steps, lr=lr, weight_decay=weight_decay, seed=seed, init=start)
+    meta = {"features": int(x.shape[1]), "rows": len(labels), "steps": steps, "final_steps": final_steps,
+            "holdout": held}
     if held_evidence:
         meta["holdout_evidence"] = held_evidence
     return ClueHead(head.weight.detach().clone(), head.bias.detach().clone(), mean, scale, vocab,

@@ -133,7 +133,9 @@ class Geolocator:
 
         A package with a clue head (:mod:`georeasoner.vlm.perception`) audits each answer's reasons: sentences
         citing a clue the head does not see are dropped and the model writes the country and city again after
-        the kept reasons (the answer's ``audit`` lists the dropped clue ids; absent without a head). A head with
+        the kept reasons (the answer's ``audit`` lists the dropped clue ids; absent without a head); an answer to a
+        JSON question that broke off before its country value (``{"reasons": "…","}``) is continued the same way
+        after its reasons, so it names a country. A head with
         clue evidence then weighs the country: ``log p_LM(c) + clue_weight · log q_clues(c)`` (its ``confidence`` the
         combined posterior, ``country_logprobs`` the combined distribution), and the city among that country's
         training cities: ``log p_LM(first city token | reasons, country) + clue_weight · log q_clues(city)``
@@ -154,12 +156,13 @@ class Geolocator:
             return answers
         redo = []
         for row, a in enumerate(answers):
-            if not is_structured(a["raw_text"]):  # a description (the base task's question) is not audited
-                a["audit"] = []
+            if not is_structured(a["raw_text"]) and (a.get("country") or questions[row] == prompts.BASE_PROMPT):
+                a["audit"] = []  # a description (the base task's question) or free text naming a country
                 continue
-            kept, dropped = head.audit(a["reasons"], seen[row])
+            reasons = a["reasons"] if re.search(r"[^\W\d_]", a.get("reasons") or "") else ""
+            kept, dropped = head.audit(reasons, seen[row])
             a["audit"] = dropped
-            if dropped:
+            if dropped or not a.get("country"):  # a cited clue not seen, or an answer that broke before its country
                 redo.append((row, answer_lead(kept or prompts.NO_CLUES), dropped))
         if redo:
             leads = [lead for _, lead, _ in redo]
