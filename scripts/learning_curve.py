@@ -11,7 +11,7 @@
 Uses the local chain's outputs (``./scripts/demo.sh`` makes them; missing stages are run here through the
 pipeline). Writes ``outputs/local/learning_curve/results.json`` and prints three tables.
 
-    python scripts/learning_curve.py [--seeds 0 1 2] [--steps 150] [--limit 200]
+    python scripts/learning_curve.py [--seeds 0 1 2] [--steps 150] [--limit 200] [--clue-weight 1]
 """
 
 from __future__ import annotations
@@ -59,10 +59,14 @@ def stage2(sets: Path, seed: int, steps: int, out: Path, model: Path | None = No
     return out
 
 
+CLUE_WEIGHT = 1.0  # --clue-weight
+
+
 def measure(ref: Path | str, task: str, limit: int | None) -> dict:
     from georeasoner.vlm.measure import accuracy
 
-    return accuracy(str(ref), str(OUT / "world"), prompts.PROMPTS[task], split="test", limit=limit, task=task)
+    return accuracy(str(ref), str(OUT / "world"), prompts.PROMPTS[task], split="test", limit=limit, task=task,
+                    clue_weight=CLUE_WEIGHT)
 
 
 def ratio(acc: float | None, chance: float | None) -> str:
@@ -78,10 +82,16 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=150, help="stage-2 optimizer steps of each ablation arm")
     parser.add_argument("--limit", type=int, default=200, help="test images measured")
+    parser.add_argument("--clue-weight", type=float, default=1.0,
+                        help="weight of the clue head's evidence in the answers measured (0: the language model alone; "
+                             "the arms are exactly-once jobs, so a second run with another weight only measures)")
     args = parser.parse_args()
+    global CLUE_WEIGHT
+    CLUE_WEIGHT = args.clue_weight
     t0 = time.monotonic()
     ensure_chain()
-    results: dict = {"stages": {}, "reasoning_ablation": [], "curation_ablation": [], "steps": args.steps}
+    results: dict = {"stages": {}, "reasoning_ablation": [], "curation_ablation": [], "steps": args.steps,
+                     "clue_weight": args.clue_weight}
     for name, ref, task in [("base (full pass, descriptions)", OUT / "vlm_base", "base"),
                             ("stage 1 reasoning (LoRA)", OUT / "vlm_reasoning", "reasoning"),
                             ("stage 2 location (LoRA)", OUT / "vlm", "location")]:
@@ -103,7 +113,8 @@ def main() -> int:
               flush=True)
     results["minutes"] = round((time.monotonic() - t0) / 60, 1)
     arms.mkdir(parents=True, exist_ok=True)
-    (arms / "results.json").write_text(json.dumps(results, indent=2))
+    name = "results.json" if args.clue_weight == 1 else f"results_clue_weight_{args.clue_weight:g}.json"
+    (arms / name).write_text(json.dumps(results, indent=2))
     print_tables(results)
     return 0
 
@@ -147,7 +158,7 @@ def print_tables(results: dict) -> None:
     _ablation(results["curation_ablation"], "curated", "unfiltered",
               f"Ablation of curation: stage 2 on curated vs unfiltered images, {steps} steps each, same stage-1 model",
               "curated", "unfiltered", 0.0)
-    print(f"\ntotal time: {results['minutes']} min")
+    print(f"\nanswers measured with clue_weight {results.get('clue_weight', 1.0):g}; total time: {results['minutes']} min")
 
 
 if __name__ == "__main__":

@@ -315,11 +315,15 @@ def vision_warmup(model, rows: list[dict], cache, cfg: FinetuneConfig, w: Worker
         logits = head(tower(pv, grid_thw=g).pooler_output.reshape(len(chunk), -1))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
         loss.backward()
-        if world > 1 and dist.is_initialized():
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
+        if world > 1 and dist.is_initialized():  # one all-reduce of the flattened gradients (gloo: ~2x cheaper
+            grads = [p.grad for p in params if p.grad is not None]  # than one call per tensor)
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= world
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()

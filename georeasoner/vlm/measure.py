@@ -47,8 +47,9 @@ def clues_beside(manifest: str) -> str | None:
 
 def accuracy(ref: str, manifest: str, question: str, *, split: str = "test", limit: int | None = None,
              task: str = "location", clues: str | None = None, seed: int = 0, batch_size: int = 32,
-             max_new_tokens: int = 192, cities: bool = True) -> dict[str, Any]:
-    """The figures above for model ``ref`` on ``manifest``'s ``split`` (``{}`` when the split is empty)."""
+             max_new_tokens: int = 192, cities: bool = True, clue_weight: float = 1.0) -> dict[str, Any]:
+    """The figures above for model ``ref`` on ``manifest``'s ``split`` (``{}`` when the split is empty);
+    ``clue_weight``: the Geolocator's weight of the clue head's evidence (0: the language model's answer alone)."""
     from georeasoner.core.images import decode_image
     from georeasoner.geo import same_city
     from georeasoner.metrics.grounding import ClueCatalogue, grounding
@@ -59,7 +60,8 @@ def accuracy(ref: str, manifest: str, question: str, *, split: str = "test", lim
     rows = labelled_rows(manifest, split, limit)
     if not rows:
         return {}
-    geo = Geolocator(load_vlm(ref, seed=seed), max_new_tokens=max_new_tokens, question=question)
+    geo = Geolocator(load_vlm(ref, seed=seed), max_new_tokens=max_new_tokens, question=question,
+                     clue_weight=clue_weight)
     head = geo.loaded.clue_head
     answers: list[dict] = []
     seen: list[list[str]] = []
