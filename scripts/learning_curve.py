@@ -59,14 +59,11 @@ def stage2(sets: Path, seed: int, steps: int, out: Path, model: Path | None = No
     return out
 
 
-CLUE_WEIGHT = 1.0  # --clue-weight
-
-
-def measure(ref: Path | str, task: str, limit: int | None) -> dict:
+def measure(ref: Path | str, task: str, limit: int | None, clue_weight: float) -> dict:
     from georeasoner.vlm.measure import accuracy
 
     return accuracy(str(ref), str(OUT / "world"), prompts.PROMPTS[task], split="test", limit=limit, task=task,
-                    clue_weight=CLUE_WEIGHT)
+                    clue_weight=clue_weight)
 
 
 def ratio(acc: float | None, chance: float | None) -> str:
@@ -86,8 +83,6 @@ def main() -> int:
                         help="weight of the clue head's evidence in the answers measured (0: the language model alone; "
                              "the arms are exactly-once jobs, so a second run with another weight only measures)")
     args = parser.parse_args()
-    global CLUE_WEIGHT
-    CLUE_WEIGHT = args.clue_weight
     t0 = time.monotonic()
     ensure_chain()
     results: dict = {"stages": {}, "reasoning_ablation": [], "curation_ablation": [], "steps": args.steps,
@@ -95,17 +90,17 @@ def main() -> int:
     for name, ref, task in [("base (full pass, descriptions)", OUT / "vlm_base", "base"),
                             ("stage 1 reasoning (LoRA)", OUT / "vlm_reasoning", "reasoning"),
                             ("stage 2 location (LoRA)", OUT / "vlm", "location")]:
-        results["stages"][name] = measure(ref, task, args.limit)
+        results["stages"][name] = measure(ref, task, args.limit, args.clue_weight)
         print(f"measured {name}: {results['stages'][name]}", flush=True)
     unfiltered = unfiltered_sets()
     arms = OUT / "learning_curve"
     for seed in args.seeds:
         with_stage1 = measure(stage2(OUT / "sft", seed, args.steps, arms / "stage1_curated" / f"seed{seed}"),
-                              "location", args.limit)
+                              "location", args.limit, args.clue_weight)
         from_base = measure(stage2(OUT / "sft", seed, args.steps, arms / "base_curated" / f"seed{seed}",
-                                   model=OUT / "vlm_base"), "location", args.limit)
+                                   model=OUT / "vlm_base"), "location", args.limit, args.clue_weight)
         unfiltered_arm = measure(stage2(unfiltered, seed, args.steps, arms / "stage1_unfiltered" / f"seed{seed}"),
-                                 "location", args.limit)
+                                 "location", args.limit, args.clue_weight)
         results["reasoning_ablation"].append({"seed": seed, "with_stage1": with_stage1, "from_base": from_base})
         results["curation_ablation"].append({"seed": seed, "curated": with_stage1, "unfiltered": unfiltered_arm})
         print(f"seed {seed}: stage1+stage2 {with_stage1.get('country_accuracy')}, base+stage2 "

@@ -52,7 +52,7 @@ def main() -> None:
     import torch
 
     from georeasoner.vlm import model as vm
-    from georeasoner.vlm.batches import ImageCache, collate, read_rows
+    from georeasoner.vlm.batches import ImageCache, answer_loss, collate, read_rows
     from georeasoner.vlm.model import vision_tower
     from georeasoner.vlm.measure import accuracy, labelled_rows
     from georeasoner.vlm.prompts import BASE_PROMPT
@@ -124,7 +124,7 @@ def main() -> None:
         t1 = time.monotonic()
         for _ in range(a.steps):
             batch = collate([rows[i] for i in rng.choice(len(rows), 32, replace=False)], cache, processor.tokenizer)
-            model(**batch).loss.backward()
+            answer_loss(model, batch).backward()  # the fine-tune stages' loss
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(), sched.step(), opt.zero_grad()
         print(f"descriptions: {a.steps} steps in {time.monotonic() - t1:.0f} s", flush=True)

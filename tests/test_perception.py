@@ -12,12 +12,12 @@ TEXTS = {"drive_left": "Cars drive on the left.", "plate_yellow_rear": "The rear
          "script_thai": "The signs are written in the Thai script."}
 
 
-def _fixed_head(probs: list[float]) -> ClueHead:
-    """A head whose probabilities do not depend on the image: bias = logit(p)."""
+def _fixed_head(probs: list[float], width: int = 4) -> ClueHead:
+    """A head whose probabilities do not depend on the image (of ``width`` features): bias = logit(p)."""
     p = torch.tensor(probs)
     clues = list(TEXTS)
-    return ClueHead(torch.zeros(len(clues), 4), torch.log(p / (1 - p)), torch.zeros(4), torch.ones(4), clues,
-                    [TEXTS[c] for c in clues], 0.5, {})
+    return ClueHead(torch.zeros(len(clues), width), torch.log(p / (1 - p)), torch.zeros(width), torch.ones(width),
+                    clues, [TEXTS[c] for c in clues], 0.5, {})
 
 
 def test_audit_drops_exactly_the_sentences_whose_clue_the_head_does_not_see():
@@ -163,9 +163,7 @@ def test_an_answer_that_broke_before_its_country_is_continued_after_its_reasons(
     images = [Image.new("RGB", (64, 64), (120, 120, 120)), Image.new("RGB", (64, 64), (20, 90, 200))]
     batch = model_inputs(geo.loaded.processor, images[:1], [geo.question])
     width = image_features(geo.loaded.model, batch["pixel_values"], batch["image_grid_thw"]).shape[1]
-    clues, p = list(TEXTS), torch.full((len(TEXTS),), 0.9)  # a head that sees every clue in every image
-    geo.loaded.clue_head = ClueHead(torch.zeros(len(clues), width), torch.log(p / (1 - p)), torch.zeros(width),
-                                    torch.ones(width), clues, [TEXTS[c] for c in clues], 0.5, {})
+    geo.loaded.clue_head = _fixed_head([0.9] * len(TEXTS), width)  # sees every clue in every image
     tokenizer = geo.loaded.processor.tokenizer
     real, leads = geo._generate, []
 

@@ -109,7 +109,7 @@ def collate_images(rows: list[dict[str, Any]], images: list[tuple[np.ndarray, np
 def answer_loss(model, batch: dict[str, Any]):
     """The mean next-token cross-entropy over the answer tokens, with the output layer applied only where a label
     follows (``logits_to_keep``, a boolean mask): the same loss as the model's own ``labels=`` path, without the
-    logits of every prompt and image position (a quarter of a tiny model's step on CPU; on a real checkpoint the
+    logits of every prompt and image position (a quarter of a tiny model's step on CPU in a one-off profile; on a real checkpoint the
     [tokens, vocab] logits of a long image prompt are the largest activation of the step)."""
     import torch
 
